@@ -1,0 +1,41 @@
+"""Test-session set-up: Triton kernels run in the interpreter when there is no GPU (must precede any triton import)."""
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _has_cuda = False
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+GOLDEN_DIR = os.environ.get(
+    "VIREID_GOLDEN_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden"))
+
+
+@pytest.fixture
+def golden():
+    """Load a golden .npz from ../shared/golden (skips with a reason when the folder is absent)."""
+    import numpy as np
+
+    def load(name: str):
+        path = os.path.join(GOLDEN_DIR, name)
+        if not os.path.exists(path):
+            pytest.skip(f"golden file {path} not found (set VIREID_GOLDEN_DIR)")
+        return np.load(path)
+
+    return load
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force VIREID_BACKEND for one test: ``backend("cpp")``."""
+
+    def use(name: str) -> None:
+        monkeypatch.setenv("VIREID_BACKEND", name)
+
+    return use

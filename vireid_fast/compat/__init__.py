@@ -1,0 +1,1 @@
+"""Drop-in APIs with the community code's exact signatures (cluster-contrast, AGW evaluation)."""

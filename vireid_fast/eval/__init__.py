@@ -1,0 +1,1 @@
+"""Retrieval evaluation: SYSU-MM01 and RegDB protocols, metrics, re-ranking, reports."""

@@ -1,0 +1,1 @@
+"""Method plug-ins for the engine (DCL baseline, PCLHD, SWPCL, MULT, HIL, SALCR)."""

@@ -1,0 +1,6 @@
+"""vireid ops: one ``torch.library`` op per module, with a reference in :mod:`vireid_fast.ops.reference`."""
+
+from ._registry import BackendUnavailableError
+from .sinkhorn import SinkhornInfo, ot_assign, sinkhorn
+
+__all__ = ["BackendUnavailableError", "SinkhornInfo", "ot_assign", "sinkhorn"]

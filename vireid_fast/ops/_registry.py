@@ -1,0 +1,122 @@
+"""How every vireid op is registered and dispatched.
+
+Each op ``vireid::<name>`` is one ``torch.library`` operator:
+
+* schema — declared in ``csrc/schemas.cpp``; defined from :data:`_schemas.SCHEMAS` when the extension is missing;
+* CPU kernel — C++ (``TORCH_LIBRARY_IMPL(vireid, CPU)``), or the reference when the extension is missing;
+* CUDA kernel — the op's Triton launcher (``kernels/<name>.py``), or the reference when Triton is missing;
+* any other device — the pure-PyTorch reference (``CompositeExplicitAutograd``);
+* fake (meta) kernel — for ``torch.compile`` and ``opcheck``.
+
+The public functions call :func:`choose_backend`, which honours ``VIREID_BACKEND=reference|cpp|triton``: an explicit
+choice that cannot run raises :class:`BackendUnavailableError` saying how to fix it; the automatic choice falls back
+with one warning per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from .. import _extension
+from ._schemas import SCHEMAS
+
+BACKENDS = ("reference", "cpp", "triton")
+
+_python_lib: torch.library.Library | None = None
+_impl_lib = torch.library.Library("vireid", "IMPL")  # noqa: TOR901 - kept alive for the process
+_registered: set[str] = set()
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given inputs."""
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton is not installed ({exc}); pip install 'triton>=3.7'"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "no CUDA device; set TRITON_INTERPRET=1 (before importing vireid_fast) to run kernels on CPU"
+    return True, "available" if torch.cuda.is_available() else "available in the interpreter (TRITON_INTERPRET=1)"
+
+
+def requested_backend() -> str | None:
+    value = os.environ.get("VIREID_BACKEND", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"VIREID_BACKEND must be one of {', '.join(BACKENDS)} or auto, got {value!r}")
+    return value
+
+
+def choose_backend(op: str, device: torch.device) -> str:
+    """Return ``"cpp"``, ``"triton"`` or ``"reference"`` for running ``op`` on ``device``."""
+    forced = requested_backend()
+    if forced == "reference":
+        return "reference"
+    if forced == "cpp":
+        loaded, reason = _extension.status()
+        if device.type != "cpu":
+            raise BackendUnavailableError(f"VIREID_BACKEND=cpp runs CPU tensors only, got {device}; "
+                                          "move the inputs to the CPU or choose VIREID_BACKEND=triton")
+        if not loaded:
+            raise BackendUnavailableError(f"VIREID_BACKEND=cpp but {reason}")
+        return "cpp"
+    if forced == "triton":
+        ok, reason = triton_status()
+        if not ok:
+            raise BackendUnavailableError(f"VIREID_BACKEND=triton but {reason}")
+        return "triton"
+    if device.type == "cpu":
+        return "cpp" if _extension.status()[0] else "reference"  # the loader already warned once
+    if device.type == "cuda":
+        ok, reason = triton_status()
+        if ok:
+            return "triton"
+        warn_once(f"triton:{op}", f"vireid_fast: Triton unavailable ({reason}); {op} on CUDA uses the reference")
+    return "reference"
+
+
+def triton_module(op: str):
+    """The Triton kernel module of ``op`` (``vireid_fast.kernels.<op>``)."""
+    return importlib.import_module(f"vireid_fast.kernels.{op}")
+
+
+def register(op: str, *, reference: Callable, fake: Callable) -> None:
+    """Register the Python-side kernels of ``vireid::<op>`` (idempotent).
+
+    ``reference`` takes the op's schema arguments and serves every device without a dedicated kernel. CUDA tensors go
+    to ``vireid_fast.kernels.<op>.launch`` (same arguments) when Triton is importable.
+    """
+    global _python_lib
+    if op in _registered:
+        return
+    _registered.add(op)
+    if not _extension.load():
+        if _python_lib is None:
+            _python_lib = torch.library.Library("vireid", "DEF")  # noqa: TOR901
+        _python_lib.define(SCHEMAS[op])
+    _impl_lib.impl(op, reference, "CompositeExplicitAutograd")
+
+    def cuda_kernel(*args):
+        ok, reason = triton_status()
+        if not ok:
+            warn_once(f"triton:{op}", f"vireid_fast: Triton unavailable ({reason}); {op} on CUDA uses the reference")
+            return reference(*args)
+        return triton_module(op).launch(*args)
+
+    _impl_lib.impl(op, cuda_kernel, "CUDA")
+    torch.library.register_fake(f"vireid::{op}")(fake)
