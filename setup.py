@@ -1,7 +1,8 @@
 """Build the compiled part of vireid_fast: one extension ``vireid_fast._C`` holding the op schemas and CPU kernels.
 
 Environment:
-    VIREID_BUILD_CUDA=auto|0|1  CUDA C++ sources (csrc/cuda/*.cu) build only with a CUDA torch and nvcc (auto: say why not).
+    VIREID_BUILD_CUDA=auto|0|1  CUDA C++ sources (csrc/cuda/*.cu) build only with a CUDA torch and nvcc
+                                (auto: prints why it skipped them).
     MAX_JOBS                    parallel compile jobs (honoured by torch's BuildExtension with ninja).
 """
 

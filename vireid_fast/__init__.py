@@ -20,8 +20,12 @@ def backends() -> dict[str, dict[str, object]]:
     cpp_ok, cpp_reason = _extension.status()
     triton_ok, triton_reason = triton_status()
     cuda_ok = torch.cuda.is_available()
-    cuda_reason = (f"{torch.cuda.device_count()} device(s)" if cuda_ok else
-                   f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else "no CUDA device visible")
+    if cuda_ok:
+        cuda_reason = f"{torch.cuda.device_count()} device(s)"
+    elif torch.version.cuda is None:
+        cuda_reason = f"torch {torch.__version__} is a CPU build"
+    else:
+        cuda_reason = "no CUDA device visible"
     return {
         "cpp": {"available": cpp_ok, "reason": cpp_reason},
         "triton": {"available": triton_ok, "reason": triton_reason},

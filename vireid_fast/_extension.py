@@ -36,11 +36,10 @@ def load() -> bool:
     if _state["tried"]:
         return bool(_state["loaded"])
     _state["tried"] = True
+    path = _library_path()
     if os.environ.get("VIREID_DISABLE_EXTENSION") == "1":
         _state["reason"] = "disabled by VIREID_DISABLE_EXTENSION=1"
-        return False
-    path = _library_path()
-    if path is None:
+    elif path is None:
         _state["reason"] = f"the compiled extension vireid_fast._C was not found; {REBUILD_HINT}"
     else:
         built = _built_for(path)

@@ -5,5 +5,7 @@ checks that every entry equals the schema the extension registers.
 """
 
 SCHEMAS: dict[str, str] = {
-    "sinkhorn": "sinkhorn(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> (Tensor, Tensor, Tensor)",
+    "sinkhorn": (
+        "sinkhorn(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> (Tensor, Tensor, Tensor)"
+    ),
 }

@@ -26,7 +26,8 @@ def check_tensor(name: str, x, *, dims: Sequence[int] | None = None, dtypes: Seq
         raise ValueError(f"{name} must be {shapes}, got shape {tuple(x.shape)}")
     if dtypes is not None and x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must have dtype {names}; got {str(x.dtype).replace('torch.', '')} (cast with .float())")
+        got = str(x.dtype).replace("torch.", "")
+        raise TypeError(f"{name} must have dtype {names}; got {got} (cast with .float())")
     if not allow_empty and x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one element along every axis")
     return x
