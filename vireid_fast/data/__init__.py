@@ -1,1 +1,23 @@
-"""Datasets: readers for SYSU-MM01 and RegDB layouts, the synthetic visible-infrared set, samplers, transforms."""
+"""Datasets: readers for SYSU-MM01 and RegDB layouts, the synthetic visible-infrared set, samplers, transforms.
+
+Readers return per-modality lists of :class:`ImageRecord` and raise one :class:`DatasetError` listing every problem
+in a malformed tree. Register a custom reader with ``@register_dataset("name")`` (see docs/data.md).
+"""
+
+from .records import IMAGE_EXTENSIONS, INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
+from .registry import (
+    VIReIDDataset,
+    create_dataset,
+    get_dataset_class,
+    list_datasets,
+    register_dataset,
+    unregister_dataset,
+)
+from .synthetic import SyntheticVIReID, generate
+from .sysu import SYSUMM01
+
+__all__ = [
+    "IMAGE_EXTENSIONS", "INFRARED", "MODALITIES", "VISIBLE", "DatasetError", "ImageRecord",
+    "VIReIDDataset", "create_dataset", "get_dataset_class", "list_datasets", "register_dataset",
+    "unregister_dataset", "SYSUMM01", "SyntheticVIReID", "generate",
+]
