@@ -4,7 +4,9 @@ Readers return per-modality lists of :class:`ImageRecord` and raise one :class:`
 in a malformed tree. Register a custom reader with ``@register_dataset("name")`` (see docs/data.md).
 """
 
+from .market import PreparedRegDB, PreparedSYSUMM01, PreparedVIReID
 from .records import IMAGE_EXTENSIONS, INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
+from .regdb import RegDB
 from .registry import (
     VIReIDDataset,
     create_dataset,
@@ -20,4 +22,5 @@ __all__ = [
     "IMAGE_EXTENSIONS", "INFRARED", "MODALITIES", "VISIBLE", "DatasetError", "ImageRecord",
     "VIReIDDataset", "create_dataset", "get_dataset_class", "list_datasets", "register_dataset",
     "unregister_dataset", "SYSUMM01", "SyntheticVIReID", "generate",
+    "PreparedRegDB", "PreparedSYSUMM01", "PreparedVIReID", "RegDB",
 ]
