@@ -4,6 +4,7 @@ Readers return per-modality lists of :class:`ImageRecord` and raise one :class:`
 in a malformed tree. Register a custom reader with ``@register_dataset("name")`` (see docs/data.md).
 """
 
+from .images import BadImageError, ImageDataset, find_bad_images, load_image
 from .market import PreparedRegDB, PreparedSYSUMM01, PreparedVIReID
 from .records import IMAGE_EXTENSIONS, INFRARED, MODALITIES, VISIBLE, DatasetError, ImageRecord
 from .regdb import RegDB
@@ -15,6 +16,7 @@ from .registry import (
     register_dataset,
     unregister_dataset,
 )
+from .samplers import CrossModalityPairSampler, IdentityBalancedSampler
 from .synthetic import SyntheticVIReID, generate
 from .sysu import SYSUMM01
 
@@ -23,4 +25,6 @@ __all__ = [
     "VIReIDDataset", "create_dataset", "get_dataset_class", "list_datasets", "register_dataset",
     "unregister_dataset", "SYSUMM01", "SyntheticVIReID", "generate",
     "PreparedRegDB", "PreparedSYSUMM01", "PreparedVIReID", "RegDB",
+    "BadImageError", "ImageDataset", "find_bad_images", "load_image",
+    "CrossModalityPairSampler", "IdentityBalancedSampler",
 ]
