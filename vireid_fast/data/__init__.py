@@ -19,6 +19,7 @@ from .registry import (
 from .samplers import CrossModalityPairSampler, IdentityBalancedSampler
 from .synthetic import SyntheticVIReID, generate
 from .sysu import SYSUMM01
+from .transforms import ChannelAugmentation, TestTransform, TrainTransform
 
 __all__ = [
     "IMAGE_EXTENSIONS", "INFRARED", "MODALITIES", "VISIBLE", "DatasetError", "ImageRecord",
@@ -27,4 +28,5 @@ __all__ = [
     "PreparedRegDB", "PreparedSYSUMM01", "PreparedVIReID", "RegDB",
     "BadImageError", "ImageDataset", "find_bad_images", "load_image",
     "CrossModalityPairSampler", "IdentityBalancedSampler",
+    "ChannelAugmentation", "TestTransform", "TrainTransform",
 ]
