@@ -17,8 +17,7 @@ from .registry import (
     unregister_dataset,
 )
 from .samplers import CrossModalityPairSampler, IdentityBalancedSampler
-from .synthetic import SyntheticVIReID, generate
-from .sysu import SYSUMM01
+from .sysu import SYSUMM01, SyntheticVIReID
 from .transforms import ChannelAugmentation, TestTransform, TrainTransform
 
 __all__ = [
@@ -30,3 +29,12 @@ __all__ = [
     "CrossModalityPairSampler", "IdentityBalancedSampler",
     "ChannelAugmentation", "TestTransform", "TrainTransform",
 ]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `python -m vireid_fast.data.synthetic` does not find the module already imported.
+    if name == "generate":
+        from .synthetic import generate
+
+        return generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,7 @@ Every identity is a parametric person: body proportions (shoulder, waist and hip
 thickness), clothing (upper garment colours and pattern: plain, horizontal/vertical stripes, two-tone blocks, check or
 a chest logo; sleeve length; trousers, shorts or skirt with an optional side stripe; shoes) and accessories (hair
 style, cap or beanie, backpack, shoulder bag or hand bag). Each garment also carries an infrared brightness that is
-only weakly tied to its colour (as with real near-infrared / thermal cameras, where dye colour does not predict
+only partly tied to its luminance (as with real near-infrared / thermal cameras, where dye colour does not predict
 brightness), and the body has a heat pattern (skin, neck and chest warm; hair, shoes and bags cool).
 
 Visible cameras 1, 2, 4, 5 render colour images, each with its own background scene, illumination level, white balance,
@@ -40,14 +40,13 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from .registry import register_dataset
-from .sysu import SYSUMM01
-
 GENERATOR_VERSION = 1
 VISIBLE_CAMERAS = (1, 2, 4, 5)
 INFRARED_CAMERAS = (3, 6)
 ALL_CAMERAS = (1, 2, 3, 4, 5, 6)
 JPEG_QUALITY = 92
+# How much a garment's infrared brightness follows its visible luminance (the rest is a random material property).
+IR_LUMINANCE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -169,8 +168,9 @@ def _garment_colour(rng: np.random.Generator) -> tuple[float, float, float]:
 
 
 def _ir_of(rng: np.random.Generator, rgb) -> float:
-    # Weakly tied to visible luminance; mostly a material property unrelated to the dye colour.
-    return float(np.clip(0.3 * _luminance(rgb) + 0.7 * rng.random(), 0.05, 0.95))
+    # Partly tied to visible luminance, partly a material property unrelated to the dye colour.
+    weight = IR_LUMINANCE_WEIGHT
+    return float(np.clip(weight * _luminance(rgb) + (1 - weight) * rng.random(), 0.05, 0.95))
 
 
 def make_identity(seed: int, pid: int) -> Identity:
@@ -716,16 +716,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-
-@register_dataset("synthetic")
-class SyntheticVIReID(SYSUMM01):
-    """The synthetic dataset at ``root`` (SYSU-MM01 layout, read by :class:`SYSUMM01`); generated there first when
-    ``root`` is missing or empty (``ids``, ``seed``, ``size``, ``image_size``, ``workers`` as in :func:`generate`)."""
-
-    def __init__(self, root: str, ids: int | None = None, seed: int = 0, size: str = DEFAULT_SIZE,
-                 image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, workers: int = 0):
-        root = os.path.abspath(os.path.expanduser(str(root)))
-        if not os.path.isdir(root) or not os.listdir(root):
-            generate(root, ids=ids, seed=seed, size=size, image_size=image_size, workers=workers)
-        super().__init__(root)

@@ -117,3 +117,18 @@ class SYSUMM01(VIReIDDataset):
         out["test_visible_images"] = sum(len(self.test_by_camera[c]) for c in VISIBLE_CAMERAS)
         out["test_infrared_images"] = sum(len(self.test_by_camera[c]) for c in INFRARED_CAMERAS)
         return out
+
+
+@register_dataset("synthetic")
+class SyntheticVIReID(SYSUMM01):
+    """The synthetic dataset (:mod:`vireid_fast.data.synthetic`) at ``root``, read as SYSU-MM01; generated there first
+    when ``root`` is missing or empty (``ids``, ``seed``, ``size``, ``image_size``, ``workers``: see ``generate``)."""
+
+    def __init__(self, root: str, ids: int | None = None, seed: int = 0, size: str = "small",
+                 image_size: tuple[int, int] = (128, 64), workers: int = 0):
+        root = os.path.abspath(os.path.expanduser(str(root)))
+        if not os.path.isdir(root) or not os.listdir(root):
+            from .synthetic import generate  # imported here so `python -m vireid_fast.data.synthetic` runs cleanly
+
+            generate(root, ids=ids, seed=seed, size=size, image_size=image_size, workers=workers)
+        super().__init__(root)
