@@ -92,6 +92,11 @@ def test_generate_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
         generate(str(tmp_path / "new"), size="huge")
     with pytest.raises(ValueError, match="ids must be at least 3"):
         generate(str(tmp_path / "new2"), ids=2)
+    generate(str(tmp_path), ids=6, size="tiny", workers=1, overwrite=True)
+    generate(str(tmp_path), ids=3, size="tiny", workers=1, overwrite=True)  # no stale identities left behind
+    assert (tmp_path / "x.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "cam3")) == sorted(f"{p:04d}" for p in range(1, 4)
+                                                          if camera_plan(0, p, SIZES["tiny"])[3])
 
 
 def _colour_histogram(image: np.ndarray, bins: int = 4) -> np.ndarray:
