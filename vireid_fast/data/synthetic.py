@@ -46,7 +46,7 @@ INFRARED_CAMERAS = (3, 6)
 ALL_CAMERAS = (1, 2, 3, 4, 5, 6)
 JPEG_QUALITY = 92
 # How much a garment's infrared brightness follows its visible luminance (the rest is a random material property).
-IR_LUMINANCE_WEIGHT = 0.5
+IR_LUMINANCE_WEIGHT = 0.8
 
 
 @dataclass(frozen=True)
