@@ -218,7 +218,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_contrastive_cpu(const at::
       }
     });
   });
-  return {per_sample.mean(), logits, lse};
+  // Summed in double: the mean over a large batch stays exact to float32 rounding.
+  at::Tensor loss = at::empty({}, inputs_t.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "memory_contrastive_cpu_mean", [&] {
+    const scalar_t* ps = per_sample.data_ptr<scalar_t>();
+    double acc = 0;
+    for (int64_t i = 0; i < B; ++i) acc += static_cast<double>(ps[i]);
+    *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(acc / static_cast<double>(B));
+  });
+  return {loss, logits, lse};
 }
 
 at::Tensor memory_contrastive_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& inputs,

@@ -226,18 +226,27 @@ def memory_contrastive(inputs: torch.Tensor, targets: torch.Tensor, memory: torc
     targets = _check_targets(targets, batch, classes)
     if soft_targets is not None:
         soft_targets = _check_soft(soft_targets, batch, classes)
-    check_finite("inputs", inputs)
-    check_finite("memory", memory)
     inputs = inputs.contiguous()
     backend = _registry.choose_backend("memory_contrastive", inputs.device)
     if backend == "reference":
-        return _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
+        loss = _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
                                              memory_contrastive_ref, memory_contrastive_backward_ref)
-    if backend == "triton" and inputs.device.type == "cpu":
+    elif backend == "triton" and inputs.device.type == "cpu":
         kernels = _registry.triton_module("memory_contrastive")
-        return _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
+        loss = _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
                                              kernels.launch, kernels.launch_backward)
-    return torch.ops.vireid.memory_contrastive(inputs, targets, memory, soft_targets, temp, momentum, update)[0]
+    else:
+        loss = torch.ops.vireid.memory_contrastive(inputs, targets, memory, soft_targets, temp, momentum, update)[0]
+    # Any NaN/Inf in inputs or memory makes the loss NaN (normalisation and log-sum-exp propagate it), so one scalar
+    # test replaces two full scans; the culprit is looked up only then. The forward never touches memory.
+    if not tracing() and not bool(torch.isfinite(loss)):
+        check_finite("inputs", inputs)
+        check_finite("memory", memory)
+        if soft_targets is not None:
+            check_finite("soft_targets", soft_targets)
+        raise ValueError("the loss is not finite although inputs and memory are; check for rows of memory that are "
+                         "zero (they cannot be normalised) or a temp so small that the logits overflow")
+    return loss
 
 
 def memory_update(features: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, *, momentum: float = 0.2,
