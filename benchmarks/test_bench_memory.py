@@ -43,7 +43,7 @@ class CommunityClusterMemoryFn(torch.autograd.Function):
         grad_inputs = None
         if ctx.needs_input_grad[0]:
             grad_inputs = grad_outputs.mm(ctx.features)
-        for x, y in zip(inputs, targets):
+        for x, y in zip(inputs, targets, strict=True):
             ctx.features[y] = ctx.momentum * ctx.features[y] + (1.0 - ctx.momentum) * x
             ctx.features[y] /= ctx.features[y].norm()
         return grad_inputs, None, None, None

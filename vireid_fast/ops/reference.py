@@ -97,7 +97,7 @@ def memory_update_ref(normalized: torch.Tensor, targets: torch.Tensor, memory: t
     if update == "none":
         return
     if update == "sequential":
-        for x, y in zip(normalized, targets.tolist()):
+        for x, y in zip(normalized, targets.tolist(), strict=True):
             memory[y] = memory[y] * momentum + (1.0 - momentum) * x
             memory[y] /= memory[y].norm()
         return
