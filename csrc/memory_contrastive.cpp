@@ -33,26 +33,62 @@ UpdateMode parse_update(c10::string_view update) {
               std::string(update), "'");
 }
 
+// Reductions with kLanes independent partial sums: GCC vectorises them (a single accumulator would be a serial chain,
+// since float addition may not be reassociated without -ffast-math).
+constexpr int kLanes = 16;
+
+template <typename T>
+VIREID_ALWAYS_INLINE T lane_sum(const T* acc) {
+  T s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+template <typename T>
+VIREID_ALWAYS_INLINE T dot_inline(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[k + j] * b[k + j];
+  }
+  T s = lane_sum(acc);
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+template <typename T>
+VIREID_ALWAYS_INLINE T dot_body(const T* a, const T* b, int64_t n) {
+  return dot_inline(a, b, n);
+}
+VIREID_MULTIVERSION(dot)
+
 // One row of the forward epilogue: divide by temp in place, return the log-sum-exp and this row's loss.
+// buf: C scratch values.
 template <typename T>
 VIREID_ALWAYS_INLINE void forward_row_body(T* logit, int64_t C, T temp, const T* soft, int64_t label, T* lse_out,
-                                           T* loss_out) {
+                                           T* loss_out, T* buf) {
   T mx = -std::numeric_limits<T>::infinity();
   for (int64_t j = 0; j < C; ++j) {
     const T v = logit[j] / temp;
     logit[j] = v;
     mx = v > mx ? v : mx;
   }
-  T s = 0;
-  for (int64_t j = 0; j < C; ++j) s += exp_vec(logit[j] - mx);
+  for (int64_t j = 0; j < C; ++j) buf[j] = exp_vec(logit[j] - mx);
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= C; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += buf[j + l];
+  }
+  T s = lane_sum(acc);
+  for (; j < C; ++j) s += buf[j];
   const T lse = mx + std::log(s);
   *lse_out = lse;
   if (soft == nullptr) {
     *loss_out = lse - logit[label];
   } else {
-    T acc = 0;
-    for (int64_t j = 0; j < C; ++j) acc += soft[j] * (logit[j] - lse);
-    *loss_out = -acc;
+    T mass = 0;
+    for (int64_t c = 0; c < C; ++c) mass += soft[c];
+    *loss_out = lse * mass - dot_inline(soft, logit, C);
   }
 }
 VIREID_MULTIVERSION(forward_row)
@@ -72,7 +108,38 @@ VIREID_ALWAYS_INLINE void grad_row_body(const T* logit, int64_t C, T lse, const 
 }
 VIREID_MULTIVERSION(grad_row)
 
-// Row normalisation of inputs (any float dtype, converted to T) into xn; norms kept for the Jacobian.
+// dst = src / max(||src||, eps); returns ||src||.
+template <typename T>
+VIREID_ALWAYS_INLINE T normalize_row_body(const T* src, T* dst, int64_t D) {
+  const T n = std::sqrt(dot_inline(src, src, D));
+  const T denom = std::max(n, static_cast<T>(kNormEps));
+  for (int64_t k = 0; k < D; ++k) dst[k] = src[k] / denom;
+  return n;
+}
+VIREID_MULTIVERSION(normalize_row)
+
+// Jacobian of x / max(||x||, eps) applied to g in place: (g - xn (xn . g)) / ||x||, or g / eps for tiny rows.
+template <typename T>
+VIREID_ALWAYS_INLINE void jacobian_row_body(T* g, const T* xn, T n, int64_t D) {
+  if (n > static_cast<T>(kNormEps)) {
+    const T dot = dot_inline(xn, g, D);
+    for (int64_t k = 0; k < D; ++k) g[k] = (g[k] - xn[k] * dot) / n;
+  } else {
+    for (int64_t k = 0; k < D; ++k) g[k] = g[k] / static_cast<T>(kNormEps);
+  }
+}
+VIREID_MULTIVERSION(jacobian_row)
+
+// m <- (mu m + (1 - mu) x) / ||mu m + (1 - mu) x||, computed like the community's tensor expression.
+template <typename T>
+VIREID_ALWAYS_INLINE void momentum_step_body(T* m, const T* x, T mu, T one_minus, int64_t D) {
+  for (int64_t k = 0; k < D; ++k) m[k] = m[k] * mu + one_minus * x[k];
+  const T n = std::sqrt(dot_inline(m, m, D));
+  for (int64_t k = 0; k < D; ++k) m[k] /= n;
+}
+VIREID_MULTIVERSION(momentum_step)
+
+// Row normalisation of inputs (converted to T) into xn; norms kept for the Jacobian.
 template <typename T>
 void normalize_rows(const at::Tensor& inputs_t, at::Tensor& xn, std::vector<T>& norms) {
   const int64_t B = inputs_t.size(0), D = inputs_t.size(1);
@@ -80,16 +147,7 @@ void normalize_rows(const at::Tensor& inputs_t, at::Tensor& xn, std::vector<T>& 
   T* dst = xn.data_ptr<T>();
   norms.assign(B, T(0));
   at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
-      const T* s = src + i * D;
-      T acc = 0;
-      for (int64_t k = 0; k < D; ++k) acc += s[k] * s[k];
-      const T n = std::sqrt(acc);
-      norms[i] = n;
-      const T denom = std::max(n, static_cast<T>(kNormEps));
-      T* d = dst + i * D;
-      for (int64_t k = 0; k < D; ++k) d[k] = s[k] / denom;
-    }
+    for (int64_t i = r0; i < r1; ++i) norms[i] = normalize_row<T>(src + i * D, dst + i * D, D);
   });
 }
 
@@ -144,27 +202,16 @@ void update_memory(const T* xn, const int64_t* labels, int64_t B, int64_t D, T* 
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t first = starts[g], last = starts[g + 1];
       T* m = mem + labels[order[first]] * D;
-      auto step = [&](const T* x) {
-        T acc = 0;
-        for (int64_t k = 0; k < D; ++k) {
-          const T v = m[k] * mu + one_minus * x[k];
-          m[k] = v;
-          acc += v * v;
-        }
-        const T n = std::sqrt(acc);
-        for (int64_t k = 0; k < D; ++k) m[k] /= n;
-      };
+      auto step = [&](const T* x) { momentum_step<T>(m, x, mu, one_minus, D); };
       if (mode == UpdateMode::kSequential) {
         for (int64_t k = first; k < last; ++k) step(xn + order[k] * D);
       } else if (mode == UpdateMode::kHard) {
         int64_t best = order[first];
         T best_sim = std::numeric_limits<T>::infinity();
         for (int64_t k = first; k < last; ++k) {  // strict < keeps the first minimum in batch order
-          const T* x = xn + order[k] * D;
-          T dot = 0;
-          for (int64_t c = 0; c < D; ++c) dot += x[c] * m[c];
-          if (dot < best_sim) {
-            best_sim = dot;
+          const T sim = dot<T>(xn + order[k] * D, m, D);
+          if (sim < best_sim) {
+            best_sim = sim;
             best = order[k];
           }
         }
@@ -213,8 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_contrastive_cpu(const at::
     scalar_t* ps = per_sample.data_ptr<scalar_t>();
     const scalar_t t = static_cast<scalar_t>(temp);
     at::parallel_for(0, B, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<scalar_t> buf(C);
       for (int64_t i = r0; i < r1; ++i) {
-        forward_row<scalar_t>(lg + i * C, C, t, sp ? sp + i * C : nullptr, y[i], lse_p + i, ps + i);
+        forward_row<scalar_t>(lg + i * C, C, t, sp ? sp + i * C : nullptr, y[i], lse_p + i, ps + i, buf.data());
       }
     });
   });
@@ -269,18 +317,7 @@ at::Tensor memory_contrastive_backward_cpu(const at::Tensor& grad_loss, const at
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     const scalar_t* xp = xn.data_ptr<scalar_t>();
     at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; ++i) {
-        scalar_t* g = gx + i * D;
-        const scalar_t* x = xp + i * D;
-        const scalar_t n = norms[i];
-        if (n > static_cast<scalar_t>(kNormEps)) {
-          scalar_t dot = 0;
-          for (int64_t k = 0; k < D; ++k) dot += x[k] * g[k];
-          for (int64_t k = 0; k < D; ++k) g[k] = (g[k] - x[k] * dot) / n;
-        } else {
-          for (int64_t k = 0; k < D; ++k) g[k] = g[k] / static_cast<scalar_t>(kNormEps);
-        }
-      }
+      for (int64_t i = r0; i < r1; ++i) jacobian_row<scalar_t>(gx + i * D, xp + i * D, norms[i], D);
     });
     grad_inputs = grad_x;
     update_memory<scalar_t>(xp, y, B, D, memory.data_ptr<scalar_t>(), momentum, mode);
