@@ -33,8 +33,7 @@ def _grad_of(loss_fn, inputs):
 
 
 @pytest.mark.parametrize("loss_kind", ["official", "paper"])
-def test_hybrid_memory(loss_kind, backend):
-    backend("cpp")
+def test_hybrid_memory(loss_kind):
     classes = 5
     inputs, memory, _ = _data(rows=2 * classes)
     targets = torch.tensor([3, 1, 1, 4, 3, 3, 1, 0, 4, 1, 3, 1, 0, 4])  # label 2 absent
@@ -109,8 +108,7 @@ def test_dynamic_memory_writes_update_features():
         assert any(torch.equal(row, m) for m in momentum_features)
 
 
-def test_multi_centre_memory(backend):
-    backend("cpp")
+def test_multi_centre_memory():
     classes, centres = 4, 3
     inputs, flat, _ = _data(rows=classes * centres, seed=2)
     memory = flat.view(classes, centres, -1)
@@ -150,8 +148,7 @@ def test_multi_centre_memory(backend):
 
 
 @pytest.mark.parametrize("layout", ["padded", "csr"])
-def test_instance_memory(layout, backend):
-    backend("cpp")
+def test_instance_memory(layout):
     size = 20
     inputs, memory, gen = _data(batch=6, rows=size, seed=3)
     indices = torch.tensor([4, 9, 4, 0, 17, 12])
@@ -211,8 +208,7 @@ def test_mult_soft_labels():
 
 
 @pytest.mark.parametrize("detach", [False, True])
-def test_oclr_loss(detach, backend):
-    backend("cpp")
+def test_oclr_loss(detach):
     inputs, memory, gen = _data(batch=8, rows=6, seed=4)
     target_memory = F.normalize(torch.randn(6, 12, generator=gen), dim=1)
     loss, grad = _grad_of(lambda x: oclr_loss(x, memory, target_memory, temp=TEMP, detach_target=detach), inputs)

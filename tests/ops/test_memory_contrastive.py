@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vireid_fast import _extension
 from vireid_fast.ops import memory_contrastive, memory_update
 from vireid_fast.ops._registry import triton_status
 from vireid_fast.ops.memory_contrastive import MemoryDtypeError
@@ -17,6 +18,8 @@ BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)
 
 
 def _skip_unavailable(name: str) -> None:
+    if name == "cpp" and not _extension.status()[0]:
+        pytest.skip("C++ extension unavailable: " + _extension.status()[1])
     if name == "triton" and not TRITON_OK:
         pytest.skip("triton unavailable: " + triton_status()[1])
     if name == "triton":
@@ -84,6 +87,7 @@ SHAPES = list(itertools.product([1, 7, 64, 256], [1, 3, 500], [16, 2048]))
 @pytest.mark.parametrize("batch,classes,dim", SHAPES)
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_sequential_matches_community(name, batch, classes, dim, backend):
+    _skip_unavailable(name)
     backend(name)
     inputs, targets, memory = make_case(batch, classes, dim, seed=batch * 7 + classes + dim)
     mem_ref, mem_ours = memory.clone(), memory.clone()
@@ -98,6 +102,7 @@ def test_sequential_matches_community(name, batch, classes, dim, backend):
                                                (64, 500, 2048)])
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_hard_matches_community(name, batch, classes, dim, backend):
+    _skip_unavailable(name)
     backend(name)
     inputs, targets, memory = make_case(batch, classes, dim, seed=batch + classes + dim)
     mem_ref, mem_ours = memory.clone(), memory.clone()
@@ -157,9 +162,8 @@ def test_goldens(name, golden, backend):
         torch.testing.assert_close(memory, torch.tensor(data[f"{mode}_memory_after"]), atol=1e-5, rtol=0)
 
 
-def test_repeated_label_is_a_chain_in_batch_order(backend):
+def test_repeated_label_is_a_chain_in_batch_order():
     """Two members of one label: the second step starts from the renormalised result of the first."""
-    backend("cpp")
     memory = F.normalize(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     inputs = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     targets = torch.tensor([1, 0, 1])
@@ -204,6 +208,7 @@ def test_soft_targets(name, backend):
 
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_soft_targets_gradient_is_not_detached(name, backend):
+    _skip_unavailable(name)
     backend(name)
     inputs, targets, memory = make_case(6, 4, 8, seed=1)
     soft = torch.softmax(torch.randn(6, 4), dim=1).requires_grad_(True)
@@ -218,6 +223,7 @@ def test_soft_targets_gradient_is_not_detached(name, backend):
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 @pytest.mark.parametrize("soft", [False, True])
 def test_gradcheck_float64(name, soft, backend):
+    _skip_unavailable(name)
     backend(name)
     gen = torch.Generator().manual_seed(4)
     inputs = torch.randn(7, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
@@ -248,8 +254,7 @@ def test_opcheck(op, args):
     torch.library.opcheck(getattr(torch.ops.vireid, op).default, args(x, t, m))
 
 
-def test_torch_compile_training_step_without_graph_breaks(backend):
-    backend("cpp")
+def test_torch_compile_training_step_without_graph_breaks():
     torch._dynamo.reset()
     layer = torch.nn.Linear(16, 16)
     inputs, targets, memory = make_case(10, 4, 16, seed=8)
@@ -274,6 +279,7 @@ def test_torch_compile_training_step_without_graph_breaks(backend):
 @pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_same_memory_twice_in_one_iteration(name, backend):
     """Like the community: the backward that runs second sees the first backward's update."""
+    _skip_unavailable(name)
     backend(name)
     gen = torch.Generator().manual_seed(9)
     a, b = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
@@ -357,6 +363,7 @@ def test_memory_dtype_error_is_both_value_and_type_error():
 
 
 def test_cpp_kernel_rejects_out_of_range_targets_without_crashing():
+    _skip_unavailable("cpp")
     inputs, _, memory = make_case(4, 3, 8, seed=0)
     with pytest.raises(RuntimeError, match="outside"):
         torch.ops.vireid.memory_contrastive(inputs, torch.tensor([0, 1, 5, 0]), memory, None, 0.05, 0.2, "sequential")
