@@ -1,8 +1,10 @@
 """Memory-bank contrastive loss in Triton: fused forward, backward, and the per-label memory update.
 
-* ``_forward_kernel`` — one program per block of rows: ``x . m`` by ``tl.dot`` over D-blocks for each C-block, the
-  row norm accumulated on the way, and an online (max-rescaled) softmax over the C-blocks giving the log-sum-exp and
-  the cross-entropy (hard or soft targets). The logits are written once (the backward reuses them).
+* ``_forward_kernel`` — one program per (row block, column block) tile: the row norms, ``x . m`` by ``tl.dot`` over
+  D-blocks, and the tile's softmax partials (max, rescaled sum of exponentials, target logit, soft-target sums); the
+  launcher merges the partials of the column blocks (the max-rescaled, "online" log-sum-exp combination), which
+  gives B/BLOCK_B x C/BLOCK_C programs instead of B/BLOCK_B. The logits are written once (the backward reuses
+  them).
 * ``_grad_kernel`` — grad_x = ((softmax * sum t - t) * scale) @ memory for a block of rows and a D-block, the
   softmax recomputed from the saved logits and log-sum-exp.
 * ``_rows_kernel`` — the normalisation Jacobian per row; also writes the normalised rows for the update.
@@ -30,10 +32,13 @@ _MODES = {"sequential": 0, "hard": 1, "mean": 2}
 
 
 @triton.jit
-def _forward_kernel(x_ptr, mem_ptr, y_ptr, soft_ptr, logits_ptr, lse_ptr, loss_ptr, B, C, D, inv_temp,
+def _forward_kernel(x_ptr, mem_ptr, y_ptr, soft_ptr, logits_ptr, part_ptr, B, C, D, inv_temp, NUM_CB,
                     HAS_SOFT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    # One (row block, column block) tile of the logits; per row it leaves five partials of the softmax/CE in
+    # part[k, row, column block]: max, sum exp(logit - max), target logit, sum t*logit, sum t.
+    pid_b = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
     rows64 = rows.to(tl.int64)
     labels = tl.load(y_ptr + rows, mask=row_mask, other=0)
@@ -45,43 +50,34 @@ def _forward_kernel(x_ptr, mem_ptr, y_ptr, soft_ptr, logits_ptr, lse_ptr, loss_p
         x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=xm, other=0.0).to(tl.float32)
         sumsq += tl.sum(x * x, axis=1)
     inv_norm = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
-    run_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_B,), tl.float32)
-    target_logit = tl.zeros((BLOCK_B,), tl.float32)
-    soft_dot = tl.zeros((BLOCK_B,), tl.float32)
-    soft_mass = tl.zeros((BLOCK_B,), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_mask = cols < C
-        acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            dim_mask = dims < D
-            x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
-                        other=0.0).to(tl.float32)
-            m = tl.load(mem_ptr + cols.to(tl.int64)[None, :] * D + dims[:, None],
-                        mask=col_mask[None, :] & dim_mask[:, None], other=0.0)
-            acc += tl.dot(x * inv_norm[:, None], m, input_precision="ieee")
-        logit = acc * inv_temp
-        valid = row_mask[:, None] & col_mask[None, :]
-        tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], logit, mask=valid)
-        logit = tl.where(col_mask[None, :], logit, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logit, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(logit - new_max[:, None]), axis=1)
-        run_max = new_max
-        is_target = cols[None, :] == labels[:, None]
-        target_logit += tl.sum(tl.where(is_target & col_mask[None, :], logit, 0.0), axis=1)
-        if HAS_SOFT:
-            t = tl.load(soft_ptr + rows64[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
-            soft_dot += tl.sum(t * tl.where(col_mask[None, :], logit, 0.0), axis=1)
-            soft_mass += tl.sum(t, axis=1)
-    lse = run_max + tl.log(run_sum)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    acc = tl.zeros((BLOCK_B, BLOCK_C), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_mask = dims < D
+        x = tl.load(x_ptr + rows64[:, None] * D + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :],
+                    other=0.0).to(tl.float32)
+        m = tl.load(mem_ptr + cols.to(tl.int64)[None, :] * D + dims[:, None],
+                    mask=col_mask[None, :] & dim_mask[:, None], other=0.0)
+        acc += tl.dot(x * inv_norm[:, None], m, input_precision="ieee")
+    logit = acc * inv_temp
+    valid = row_mask[:, None] & col_mask[None, :]
+    tl.store(logits_ptr + rows64[:, None] * C + cols[None, :], logit, mask=valid)
+    logit = tl.where(col_mask[None, :], logit, float("-inf"))
+    tile_max = tl.max(logit, axis=1)
+    tile_sum = tl.sum(tl.exp(logit - tile_max[:, None]), axis=1)
+    is_target = (cols[None, :] == labels[:, None]) & col_mask[None, :]
+    target_logit = tl.sum(tl.where(is_target, logit, 0.0), axis=1)
+    stride = B * NUM_CB
+    base = part_ptr + rows64 * NUM_CB + pid_c
+    tl.store(base, tile_max, mask=row_mask)
+    tl.store(base + stride, tile_sum, mask=row_mask)
+    tl.store(base + 2 * stride, target_logit, mask=row_mask)
     if HAS_SOFT:
-        loss = lse * soft_mass - soft_dot
-    else:
-        loss = lse - target_logit
-    tl.store(lse_ptr + rows, lse, mask=row_mask)
-    tl.store(loss_ptr + rows, loss, mask=row_mask)
+        t = tl.load(soft_ptr + rows64[:, None] * C + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+        tl.store(base + 3 * stride, tl.sum(t * tl.where(col_mask[None, :], logit, 0.0), axis=1), mask=row_mask)
+        tl.store(base + 4 * stride, tl.sum(t, axis=1), mask=row_mask)
 
 
 @triton.jit
@@ -204,13 +200,21 @@ def launch(inputs: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, so
     x = inputs.contiguous()
     mem = memory.contiguous()
     logits = torch.empty((batch, classes), dtype=torch.float32, device=x.device)
-    lse = torch.empty((batch,), dtype=torch.float32, device=x.device)
-    per_sample = torch.empty((batch,), dtype=torch.float32, device=x.device)
     soft = soft_targets.to(torch.float32).contiguous() if soft_targets is not None else x
     block_b, block_c, block_d = _blocks(batch, classes, dim)
-    _forward_kernel[(triton.cdiv(batch, block_b),)](
-        x, mem, targets.contiguous(), soft, logits, lse, per_sample, batch, classes, dim, 1.0 / temp,
+    num_cb = triton.cdiv(classes, block_c)
+    parts = torch.zeros((5, batch, num_cb), dtype=torch.float32, device=x.device)
+    _forward_kernel[(triton.cdiv(batch, block_b), num_cb)](
+        x, mem, targets.contiguous(), soft, logits, parts, batch, classes, dim, 1.0 / temp, num_cb,
         HAS_SOFT=soft_targets is not None, BLOCK_B=block_b, BLOCK_C=block_c, BLOCK_D=block_d)
+    # combine the column-block partials: log-sum-exp of log-sum-exps, then the loss per row
+    tile_max, tile_sum, target_logit, soft_dot, soft_mass = parts.unbind(0)
+    row_max = tile_max.max(dim=1).values
+    lse = row_max + torch.log((tile_sum * torch.exp(tile_max - row_max[:, None])).sum(1))
+    if soft_targets is None:
+        per_sample = lse - target_logit.sum(1)
+    else:
+        per_sample = lse * soft_mass.sum(1) - soft_dot.sum(1)
     return per_sample.sum() / batch, logits, lse
 
 
