@@ -369,3 +369,24 @@ def test_cpp_kernel_rejects_out_of_range_targets_without_crashing():
         torch.ops.vireid.memory_contrastive(inputs, torch.tensor([0, 1, 5, 0]), memory, None, 0.05, 0.2, "sequential")
     with pytest.raises(RuntimeError, match="update must be"):
         torch.ops.vireid.memory_update(F.normalize(inputs, dim=1), torch.tensor([0, 1, 2, 0]), memory, 0.2, "x")
+
+
+def test_torch_compile_two_calls_on_one_memory_match_eager():
+    torch._dynamo.reset()
+    layer = torch.nn.Linear(16, 16)
+    inputs, targets, memory = make_case(12, 5, 16, seed=13)
+    second = torch.randn(12, 16, generator=torch.Generator().manual_seed(14))
+
+    def step(x, x2, y, mem):
+        return memory_contrastive(layer(x), y, mem) + memory_contrastive(layer(x2), y, mem, update="hard")
+
+    results = []
+    for compiled in (False, True):
+        mem = memory.clone()
+        layer.zero_grad()
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        loss = fn(inputs, second, targets, mem)
+        loss.backward()
+        results.append((loss.detach(), layer.weight.grad.clone(), mem))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
