@@ -183,10 +183,12 @@ def _update_kernel(xn_ptr, order_ptr, starts_ptr, labels_ptr, mem_ptr, D, mu, on
     tl.store(mem_ptr + label * D + dims, m, mask=mask)
 
 
-def _blocks(batch: int, classes: int, dim: int) -> tuple[int, int, int]:
+def _blocks(batch: int, classes: int, dim: int, max_block_d: int) -> tuple[int, int, int]:
+    # fp32 operand tiles of at most 64 x max_block_d per stage keep the pipelined shared memory of tl.dot within the
+    # budget of consumer GPUs (~100 KB)
     block_b = max(16, min(64, triton.next_power_of_2(batch)))
     block_c = max(16, min(64, triton.next_power_of_2(classes)))
-    block_d = max(16, min(128, triton.next_power_of_2(dim)))
+    block_d = max(16, min(max_block_d, triton.next_power_of_2(dim)))
     return block_b, block_c, block_d
 
 
@@ -201,7 +203,7 @@ def launch(inputs: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, so
     mem = memory.contiguous()
     logits = torch.empty((batch, classes), dtype=torch.float32, device=x.device)
     soft = soft_targets.to(torch.float32).contiguous() if soft_targets is not None else x
-    block_b, block_c, block_d = _blocks(batch, classes, dim)
+    block_b, block_c, block_d = _blocks(batch, classes, dim, 32)
     num_cb = triton.cdiv(classes, block_c)
     parts = torch.zeros((5, batch, num_cb), dtype=torch.float32, device=x.device)
     _forward_kernel[(triton.cdiv(batch, block_b), num_cb)](
@@ -252,7 +254,7 @@ def launch_backward(grad_loss: torch.Tensor, inputs: torch.Tensor, targets: torc
     classes = memory.shape[0]
     x = inputs.contiguous()
     soft = soft_targets.to(torch.float32).contiguous() if soft_targets is not None else logits
-    block_b, block_c, block_d = _blocks(batch, classes, dim)
+    block_b, block_c, block_d = _blocks(batch, classes, dim, 64)
     grad_x = torch.empty((batch, dim), dtype=torch.float32, device=x.device)
     _grad_kernel[(triton.cdiv(batch, block_b), triton.cdiv(dim, block_d))](
         logits.contiguous(), lse.contiguous(), targets.contiguous(), soft, memory, grad_loss.reshape(1), grad_x,
