@@ -390,3 +390,21 @@ def test_torch_compile_two_calls_on_one_memory_match_eager():
         results.append((loss.detach(), layer.weight.grad.clone(), mem))
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_non_contiguous_inputs_and_int32_targets(name, backend):
+    _skip_unavailable(name)
+    inputs, targets, memory = make_case(9, 4, 24, seed=21)
+    wide = torch.cat([inputs, inputs], dim=1)[:, ::2]  # a strided (non-contiguous) view
+    assert not wide.is_contiguous()
+    expected_memory, memory_ours = memory.clone(), memory.clone()
+    backend("reference")
+    loss_ref, grad_ref = ours_step(wide.contiguous(), targets, expected_memory, 0.05, 0.2, "sequential")
+    backend(name)
+    x = wide.detach().requires_grad_(True)
+    loss = memory_contrastive(x, targets.int(), memory_ours)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), loss_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, grad_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(memory_ours, expected_memory, atol=1e-5, rtol=1e-5)
