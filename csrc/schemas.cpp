@@ -7,4 +7,16 @@ TORCH_LIBRARY(vireid, m) {
   // cost (B, N, K) float32/float64; a (B, N), b (B, K) float64 positive marginals of equal mass.
   // Returns plan (B, N, K) in cost's dtype, n_iter (B,) int64, err (B,) float64 (L1 row-marginal error).
   m.def("sinkhorn(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> (Tensor, Tensor, Tensor)");
+  // Memory-bank contrastive loss (cluster-contrast ClusterMemory). inputs (B, D) float32/64/bf16/fp16 un-normalised,
+  // targets (B,) int64, memory (C, D) float32 (float64 with float64 inputs), soft_targets None or (B, C).
+  // Returns loss (), logits (B, C) = normalize(inputs) memory^T / temp, lse (B,), all in memory's dtype.
+  // momentum and update are carried to the backward (which updates memory); the forward does not use them.
+  m.def("memory_contrastive(Tensor inputs, Tensor targets, Tensor memory, Tensor? soft_targets, float temp, "
+        "float momentum, str update) -> (Tensor, Tensor, Tensor)");
+  // Gradient w.r.t. inputs with memory as it is before the update, then the in-place update of memory;
+  // update in {sequential, hard, mean, none}. Returns grad_inputs (B, D) in inputs' dtype.
+  m.def("memory_contrastive_backward(Tensor grad_loss, Tensor inputs, Tensor targets, Tensor(a!) memory, "
+        "Tensor? soft_targets, Tensor logits, Tensor lse, float temp, float momentum, str update) -> Tensor");
+  // The update alone: normalized (B, D) L2-normalised rows in memory's dtype.
+  m.def("memory_update(Tensor normalized, Tensor targets, Tensor(a!) memory, float momentum, str update) -> ()");
 }

@@ -8,4 +8,11 @@ SCHEMAS: dict[str, str] = {
     "sinkhorn": (
         "sinkhorn(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> (Tensor, Tensor, Tensor)"
     ),
+    "memory_contrastive": "memory_contrastive(Tensor inputs, Tensor targets, Tensor memory, Tensor? soft_targets, "
+                          "float temp, float momentum, str update) -> (Tensor, Tensor, Tensor)",
+    "memory_contrastive_backward": "memory_contrastive_backward(Tensor grad_loss, Tensor inputs, Tensor targets, "
+                                   "Tensor(a!) memory, Tensor? soft_targets, Tensor logits, Tensor lse, float temp, "
+                                   "float momentum, str update) -> Tensor",
+    "memory_update": "memory_update(Tensor normalized, Tensor targets, Tensor(a!) memory, float momentum, "
+                     "str update) -> ()",
 }

@@ -1,0 +1,1 @@
+from ._cluster_memory import ClusterMemory  # noqa: F401
