@@ -1,0 +1,250 @@
+"""Vectorised retrieval metrics with the SYSU-MM01 / RegDB protocols of the community evaluation code.
+
+Semantics (``shared/spec/evaluation.md``): each query ranks the gallery by ascending distance, ties broken by gallery
+index (a stable sort). Under ``protocol="sysu"`` every gallery item from camera 2 is dropped for a query from camera 3
+(regardless of identity); under ``protocol="regdb"`` nothing is dropped. Over the kept list:
+
+* ``AP = sum_k precision@k * rel_k / n_rel`` and ``INP = n_rel / rank_of_last_relevant`` (1-based);
+* the standard CMC: ``cmc[r] = share of valid queries with a true match within the first r + 1``;
+* the SYSU authors' CMC (``cmc_unique``): identities de-duplicated in rank order (first occurrence kept), then the same
+  cumulative hit curve over that identity list. Curves are summed over all queries and divided by the number of
+  *valid* queries (those with at least one true match left); AP/INP are averaged over valid queries.
+
+Instead of a Python loop per query, queries are processed in chunks (bounded memory: about ``chunk_elements``
+gallery entries per chunk): one stable ``argsort`` per chunk, cumulative sums for precision and ranks, and a
+``scatter_reduce`` giving each identity's first kept rank for the de-duplicated CMC.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["PROTOCOLS", "RetrievalResult", "evaluate"]
+
+PROTOCOLS = ("sysu", "regdb")
+_CHUNK_ELEMENTS = 1 << 22  # gallery entries per query chunk (~100 MB of temporaries)
+
+
+@dataclass
+class RetrievalResult:
+    """Metrics of one evaluation.
+
+    Attributes:
+        cmc: (max_rank,) float64, standard CMC (share of valid queries matched within rank r + 1).
+        cmc_unique: (max_rank,) float64, the SYSU authors' identity-de-duplicated CMC (what ``eval_sysu`` returns).
+        mAP, mINP: means over valid queries.
+        ap, inp: (num_q,) float64 per-query AP and INP; NaN for queries without a true match.
+        valid: (num_q,) bool, queries with at least one true match after removal.
+        protocol: ``"sysu"`` or ``"regdb"``; max_rank: length of the curves (min(requested, num_g)).
+        num_unique: (num_q,) int64 number of distinct identities in each query's kept list (the length the
+            community code gives that query's de-duplicated curve before truncation).
+    """
+
+    cmc: np.ndarray
+    cmc_unique: np.ndarray
+    mAP: float
+    mINP: float
+    ap: np.ndarray
+    inp: np.ndarray
+    valid: np.ndarray
+    protocol: str
+    max_rank: int
+    num_unique: np.ndarray = field(repr=False)
+
+    @property
+    def reported_cmc(self) -> np.ndarray:
+        """The curve papers report: ``cmc_unique`` for SYSU-MM01, the standard ``cmc`` for RegDB."""
+        return self.cmc_unique if self.protocol == "sysu" else self.cmc
+
+    def rank(self, r: int, *, standard: bool = False) -> float:
+        """Rank-``r`` accuracy (1-based) from :attr:`reported_cmc` (or the standard CMC); NaN if r > max_rank."""
+        curve = self.cmc if standard else self.reported_cmc
+        return float(curve[r - 1]) if 1 <= r <= len(curve) else float("nan")
+
+    @property
+    def rank1(self) -> float:
+        return self.rank(1)
+
+    @property
+    def rank5(self) -> float:
+        return self.rank(5)
+
+    @property
+    def rank10(self) -> float:
+        return self.rank(10)
+
+    @property
+    def rank20(self) -> float:
+        return self.rank(20)
+
+    @property
+    def num_valid(self) -> int:
+        return int(self.valid.sum())
+
+    def summary(self) -> dict[str, float]:
+        """``{"rank1", "rank5", "rank10", "rank20", "mAP", "mINP"}`` as floats (fractions, not percent)."""
+        return {"rank1": self.rank1, "rank5": self.rank5, "rank10": self.rank10, "rank20": self.rank20,
+                "mAP": float(self.mAP), "mINP": float(self.mINP)}
+
+    def to_dict(self, *, per_query: bool = False) -> dict:
+        out = {"protocol": self.protocol, "max_rank": self.max_rank, "num_query": int(len(self.valid)),
+               "num_valid_query": self.num_valid, **self.summary(), "cmc": self.cmc.tolist(),
+               "cmc_unique": self.cmc_unique.tolist()}
+        if per_query:
+            nan_to_none = lambda a: [None if v != v else float(v) for v in a]
+            out["ap"] = nan_to_none(self.ap)
+            out["inp"] = nan_to_none(self.inp)
+        return out
+
+    def to_json(self, path: str | None = None, *, per_query: bool = False, indent: int = 2) -> str:
+        """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(per_query=per_query), indent=indent)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+        return text
+
+
+def _as_tensor(name: str, x, *, floating: bool) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+    elif isinstance(x, (np.ndarray, list, tuple)):
+        t = torch.as_tensor(np.asarray(x))
+    else:
+        raise TypeError(f"{name} must be a numpy array or torch.Tensor, got {type(x).__name__}")
+    if floating:
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+        if not t.is_floating_point():
+            t = t.double()
+        elif t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+    else:
+        if t.is_floating_point():
+            if not bool((t == t.round()).all()):
+                raise ValueError(f"{name} must hold integer labels, got non-integer floats")
+        elif t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{name} must be an integer array, got dtype {t.dtype}")
+        t = t.long()
+    return t.cpu()
+
+
+def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_rank):
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
+        raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
+    dist = _as_tensor("distmat", distmat, floating=True)
+    if dist.dim() != 2:
+        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(dist.shape)}")
+    num_q, num_g = dist.shape
+    if num_q == 0:
+        raise ValueError("distmat has no query rows; pass at least one query")
+    if num_g == 0:
+        raise ValueError("the gallery is empty (distmat has 0 columns); pass at least one gallery item")
+    if not bool(torch.isfinite(dist).all()):
+        raise ValueError("distmat contains NaN or Inf; clean the distances (e.g. check the features) before evaluating")
+    qp = _as_tensor("q_pids", q_pids, floating=False).reshape(-1)
+    gp = _as_tensor("g_pids", g_pids, floating=False).reshape(-1)
+    if len(qp) != num_q:
+        raise ValueError(f"q_pids has {len(qp)} entries but distmat has {num_q} query rows")
+    if len(gp) != num_g:
+        raise ValueError(f"g_pids has {len(gp)} entries but distmat has {num_g} gallery columns")
+    qc = gc = None
+    if protocol == "sysu":
+        if q_camids is None or g_camids is None:
+            raise ValueError("protocol='sysu' needs q_camids and g_camids (camera 3 queries drop camera 2 gallery)")
+        qc = _as_tensor("q_camids", q_camids, floating=False).reshape(-1)
+        gc = _as_tensor("g_camids", g_camids, floating=False).reshape(-1)
+        if len(qc) != num_q:
+            raise ValueError(f"q_camids has {len(qc)} entries but distmat has {num_q} query rows")
+        if len(gc) != num_g:
+            raise ValueError(f"g_camids has {len(gc)} entries but distmat has {num_g} gallery columns")
+    return dist, qp, gp, qc, gc
+
+
+def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, *, protocol: str = "sysu", max_rank: int = 20,
+             chunk_elements: int = _CHUNK_ELEMENTS) -> RetrievalResult:
+    """Evaluate a query x gallery distance matrix under the SYSU-MM01 or RegDB protocol.
+
+    Args:
+        distmat: (num_q, num_g) float distances (smaller = more similar), numpy or torch, finite.
+        q_pids, g_pids: (num_q,), (num_g,) integer identities.
+        q_camids, g_camids: integer cameras; required for ``protocol="sysu"``, ignored for ``"regdb"``.
+        protocol: ``"sysu"`` (camera 3 queries drop camera 2 gallery items) or ``"regdb"`` (nothing dropped).
+        max_rank: length of the CMC curves; capped at num_g as the community code does.
+        chunk_elements: query rows are processed in chunks of about this many distance entries.
+    Returns:
+        :class:`RetrievalResult`. Raises ValueError if no query has a true match left.
+    """
+    dist, qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_rank)
+    num_q, num_g = dist.shape
+    max_rank = int(min(max_rank, num_g))
+    # Gallery identities as compact codes; a query whose pid is absent from the gallery gets code -1 (never valid).
+    g_unique, g_code = torch.unique(gp, return_inverse=True)
+    pos = torch.searchsorted(g_unique, qp).clamp_max(len(g_unique) - 1)
+    q_code = torch.where(g_unique[pos] == qp, pos, torch.full_like(pos, -1))
+    num_ids = len(g_unique)
+
+    ap = torch.full((num_q,), float("nan"), dtype=torch.float64)
+    inp = torch.full((num_q,), float("nan"), dtype=torch.float64)
+    first_rank = torch.zeros(num_q, dtype=torch.int64)  # 1-based rank of the first true match (0: none)
+    unique_rank = torch.zeros(num_q, dtype=torch.int64)  # 1-based rank among de-duplicated identities
+    num_unique = torch.zeros(num_q, dtype=torch.int64)
+    big = num_g + 1
+    chunk = max(1, int(chunk_elements) // num_g)
+    for s in range(0, num_q, chunk):
+        e = min(num_q, s + chunk)
+        order = torch.argsort(dist[s:e], dim=1, stable=True)
+        codes = g_code[order]  # (B, num_g) identity codes in rank order
+        match = codes == q_code[s:e, None]
+        if protocol == "sysu":
+            keep = ~((qc[s:e, None] == 3) & (gc[order] == 2))
+            rank = keep.cumsum(1)  # 1-based rank within the kept list (meaningful where keep)
+            hit = match & keep
+        else:
+            keep = None
+            rank = torch.arange(1, num_g + 1, dtype=torch.int64).expand(e - s, num_g)
+            hit = match
+        n_rel = hit.sum(1)
+        ok = n_rel > 0
+        cum_hits = hit.cumsum(1)
+        precision = torch.where(hit, cum_hits.double() / rank.clamp_min(1).double(), 0.0)
+        ap[s:e] = torch.where(ok, precision.sum(1) / n_rel.clamp_min(1), ap[s:e])
+        last = torch.where(hit, rank, 0).amax(1)
+        inp[s:e] = torch.where(ok, n_rel.double() / last.clamp_min(1).double(), inp[s:e])
+        first = torch.where(hit, rank, big).amin(1)
+        first_rank[s:e] = torch.where(ok, first, 0)
+        # Each identity's first kept rank; identities ranked before the first true match are the wrong ones.
+        kept_rank = rank if keep is None else torch.where(keep, rank, big)
+        first_of_id = torch.full((e - s, num_ids), big, dtype=torch.int64)
+        first_of_id.scatter_reduce_(1, codes, kept_rank, reduce="amin", include_self=True)
+        before = (first_of_id < first[:, None]).sum(1)
+        unique_rank[s:e] = torch.where(ok, before + 1, 0)
+        num_unique[s:e] = (first_of_id < big).sum(1)
+
+    valid = first_rank > 0
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError("no query has a true match in the gallery (after the protocol's camera removal); "
+                         "check that query and gallery identities overlap")
+    cmc = _curve(first_rank[valid], max_rank, num_valid)
+    cmc_unique = _curve(unique_rank[valid], max_rank, num_valid)
+    return RetrievalResult(cmc=cmc, cmc_unique=cmc_unique, mAP=float(ap[valid].mean()), mINP=float(inp[valid].mean()),
+                           ap=ap.numpy(), inp=inp.numpy(), valid=valid.numpy(), protocol=protocol, max_rank=max_rank,
+                           num_unique=num_unique.numpy())
+
+
+def _curve(ranks: torch.Tensor, max_rank: int, num_valid: int) -> np.ndarray:
+    counts = torch.bincount(ranks.clamp_max(max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
+    return (counts.cumsum(0).double() / num_valid).numpy()
+
+
+def hit_counts(result: RetrievalResult, *, unique: bool) -> np.ndarray:
+    """(max_rank,) int64 number of valid queries matched within each rank (exact integers behind the curves)."""
+    curve = result.cmc_unique if unique else result.cmc
+    return np.rint(curve * result.num_valid).astype(np.int64)
