@@ -1,5 +1,11 @@
 """Retrieval evaluation: SYSU-MM01 and RegDB protocols, metrics, re-ranking, reports."""
 
 from .metrics import PROTOCOLS, RetrievalResult, evaluate
+from .regdb import RegDBSplit, regdb_list, regdb_split
+from .sysu import sysu_gallery, sysu_query, sysu_test_ids
+from .trials import TrialSummary, cosine_distance, evaluate_trials, summarize_trials
 
-__all__ = ["PROTOCOLS", "RetrievalResult", "evaluate"]
+__all__ = [
+    "PROTOCOLS", "RegDBSplit", "RetrievalResult", "TrialSummary", "cosine_distance", "evaluate", "evaluate_trials",
+    "regdb_list", "regdb_split", "summarize_trials", "sysu_gallery", "sysu_query", "sysu_test_ids",
+]
