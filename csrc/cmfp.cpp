@@ -1,0 +1,239 @@
+// Cross-Modality Feature Propagation (SALCR Eq. 28-29) on the CPU, without any dense (Nv+Nr)^2 matrix.
+//
+// X = [Fv; Fr] (N x d). The Gram matrix X X^T is symmetric, so it is computed once per unordered pair, one row panel
+// at a time: panel p holds rows [I0, I1) against columns [I0, N) (one GEMM, at most T x N values). Row i of the panel
+// feeds the candidate lists of row i; columns j >= I1 feed row j's lists through a transposed read of the panel.
+//
+// Each (row, block) keeps a candidate list of (value, column): every value >= `lo` is appended, where `lo` is the
+// k-th largest value among the candidates so far (-inf until k candidates exist). When the list reaches its capacity
+// it is pruned to the values >= its k-th largest, which never drops an entry >= the row's final k-th largest value,
+// so ties at the threshold are all kept (the spec keeps every entry >= the k-th largest value, counted with
+// multiplicity). At the end: threshold t = k-th largest, kept = values >= t, weights max(v, 0) / sum (each block on
+// its own); a block whose kept values are all <= 0 contributes nothing (the reference divides 0 by 0 there).
+// The output row is the L2-normalised weighted sum of kept rows of X (zero rows stay zero), and the affinity is
+// returned in CSR form (entries with positive weight, columns sorted).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common.h"
+
+namespace vireid {
+namespace {
+
+template <typename T>
+struct Candidates {
+  std::vector<T> val;
+  std::vector<int64_t> col;
+  T lo = -std::numeric_limits<T>::infinity();
+  size_t cap = 0;
+
+  void init(int64_t k) {
+    cap = static_cast<size_t>(std::max<int64_t>(4 * k, 64));
+    val.reserve(cap);
+    col.reserve(cap);
+  }
+
+  // The k-th largest value of `val` (k <= val.size()), counted with multiplicity.
+  T kth_largest(int64_t k, std::vector<T>& scratch) const {
+    scratch.assign(val.begin(), val.end());
+    std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<T>());
+    return scratch[k - 1];
+  }
+
+  void prune(int64_t k, std::vector<T>& scratch) {
+    const T t = kth_largest(k, scratch);
+    size_t w = 0;
+    for (size_t e = 0; e < val.size(); ++e) {
+      if (val[e] >= t) {
+        val[w] = val[e];
+        col[w] = col[e];
+        ++w;
+      }
+    }
+    val.resize(w);
+    col.resize(w);
+    lo = t;
+    if (2 * w > cap) cap = 2 * w;  // heavy ties: grow instead of pruning every push
+  }
+
+  void push(T v, int64_t j, int64_t k, std::vector<T>& scratch) {
+    val.push_back(v);
+    col.push_back(j);
+    if (val.size() >= cap) prune(k, scratch);
+  }
+};
+
+// Feed values v[0..n) (columns col0 + t) to a candidate list; chunks whose maximum is below `lo` are skipped.
+template <typename T>
+void scan(const T* v, int64_t n, int64_t col0, Candidates<T>& c, int64_t k, std::vector<T>& scratch) {
+  constexpr int64_t kChunk = 16;
+  int64_t t = 0;
+  for (; t + kChunk <= n; t += kChunk) {
+    T m = v[t];
+    for (int64_t u = 1; u < kChunk; ++u) m = v[t + u] > m ? v[t + u] : m;
+    if (m < c.lo) continue;
+    for (int64_t u = 0; u < kChunk; ++u)
+      if (v[t + u] >= c.lo) c.push(v[t + u], col0 + t + u, k, scratch);
+  }
+  for (; t < n; ++t)
+    if (v[t] >= c.lo) c.push(v[t], col0 + t, k, scratch);
+}
+
+// Feed values v[0..n) at columns col0.. of the assembled matrix to row `row`'s two lists (split at Nv).
+template <typename T>
+void scan_split(const T* v, int64_t n, int64_t col0, int64_t nv, Candidates<T>* lists, int64_t k,
+                std::vector<T>& scratch) {
+  const int64_t n_v = std::clamp<int64_t>(nv - col0, 0, n);
+  if (n_v > 0) scan(v, n_v, col0, lists[0], k, scratch);
+  if (n_v < n) scan(v + n_v, n - n_v, col0 + n_v, lists[1], k, scratch);
+}
+
+template <typename T>
+VIREID_ALWAYS_INLINE void axpy_body(T* out, const T* x, T w, int64_t d) {
+  for (int64_t t = 0; t < d; ++t) out[t] += w * x[t];
+}
+VIREID_MULTIVERSION(axpy)
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl(const at::Tensor& fv,
+                                                                                 const at::Tensor& fr, int64_t k) {
+  const int64_t nv = fv.size(0), nr = fr.size(0), d = fv.size(1);
+  const int64_t n = nv + nr;
+  const at::Tensor x = at::cat({fv, fr}, 0).contiguous();
+  const T* xp = x.data_ptr<T>();
+
+  std::vector<Candidates<T>> lists(2 * n);  // lists[2 i + b]: row i against block b (0: visible, 1: infrared)
+  for (auto& c : lists) c.init(k);
+
+  // Panel height: enough rows for an efficient GEMM, at most ~64 MB of panel.
+  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T));
+  const int64_t panel_rows = std::clamp<int64_t>(budget / std::max<int64_t>(n, 1), 128, 1024);
+  at::Tensor panel = at::empty({0}, x.options());
+  constexpr int64_t kColChunk = 32;
+
+  for (int64_t i0 = 0; i0 < n; i0 += panel_rows) {
+    const int64_t i1 = std::min(n, i0 + panel_rows);
+    const int64_t rows = i1 - i0, width = n - i0;
+    panel.resize_({rows, width});
+    at::mm_out(panel, x.narrow(0, i0, rows), x.narrow(0, i0, width).t());
+    const T* pp = panel.data_ptr<T>();
+    // Rows of the panel: columns [i0, n) of rows [i0, i1).
+    at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
+      std::vector<T> scratch;
+      for (int64_t r = r0; r < r1; ++r) scan_split(pp + r * width, width, i0, nv, &lists[2 * (i0 + r)], k, scratch);
+    });
+    // Columns j >= i1 of the panel are rows j's values at columns [i0, i1) (symmetry).
+    const int64_t ncols = n - i1;
+    at::parallel_for(0, (ncols + kColChunk - 1) / kColChunk, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<T> scratch, buf(kColChunk * rows);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t j0 = i1 + c * kColChunk, j1 = std::min(n, j0 + kColChunk);
+        const int64_t cw = j1 - j0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* src = pp + r * width + (j0 - i0);
+          for (int64_t u = 0; u < cw; ++u) buf[u * rows + r] = src[u];
+        }
+        for (int64_t u = 0; u < cw; ++u) scan_split(buf.data() + u * rows, rows, i0, nv, &lists[2 * (j0 + u)], k, scratch);
+      }
+    });
+  }
+  panel = at::Tensor();
+
+  // Final threshold per list, positive kept entries, per-block row normalisation.
+  std::vector<int64_t> counts(n + 1, 0);
+  std::vector<double> sums(2 * n, 0.0);
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<T> scratch;
+    std::vector<int64_t> perm;
+    for (int64_t i = r0; i < r1; ++i) {
+      int64_t cnt = 0;
+      for (int64_t b = 0; b < 2; ++b) {
+        Candidates<T>& c = lists[2 * i + b];
+        const T t = c.kth_largest(k, scratch);
+        // keep positives >= t, sorted by column
+        perm.clear();
+        for (size_t e = 0; e < c.val.size(); ++e)
+          if (c.val[e] >= t && c.val[e] > T(0)) perm.push_back(static_cast<int64_t>(e));
+        std::sort(perm.begin(), perm.end(), [&](int64_t a, int64_t bb) { return c.col[a] < c.col[bb]; });
+        std::vector<T> v(perm.size());
+        std::vector<int64_t> j(perm.size());
+        double s = 0.0;
+        for (size_t e = 0; e < perm.size(); ++e) {
+          v[e] = c.val[perm[e]];
+          j[e] = c.col[perm[e]];
+          s += static_cast<double>(v[e]);
+        }
+        sums[2 * i + b] = s;
+        c.val.swap(v);
+        c.col.swap(j);
+        cnt += static_cast<int64_t>(c.val.size());
+      }
+      counts[i + 1] = cnt;
+    }
+  });
+  std::partial_sum(counts.begin(), counts.end(), counts.begin());
+  const int64_t nnz = counts[n];
+  at::Tensor crow = at::empty({n + 1}, x.options().dtype(at::kLong));
+  at::Tensor cols = at::empty({nnz}, x.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({nnz}, x.options());
+  std::copy(counts.begin(), counts.end(), crow.data_ptr<int64_t>());
+  at::Tensor out = at::zeros({n, d}, x.options());
+  int64_t* cp = cols.data_ptr<int64_t>();
+  T* vp = vals.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      int64_t e = counts[i];
+      T* o = op + i * d;
+      for (int64_t b = 0; b < 2; ++b) {
+        Candidates<T>& c = lists[2 * i + b];
+        const T inv = static_cast<T>(1.0 / sums[2 * i + b]);  // only used when the list is non-empty (sum > 0)
+        for (size_t u = 0; u < c.val.size(); ++u, ++e) {
+          const T w = c.val[u] * inv;
+          cp[e] = c.col[u];
+          vp[e] = w;
+          axpy<T>(o, xp + c.col[u] * d, w, d);
+        }
+        std::vector<T>().swap(c.val);
+        std::vector<int64_t>().swap(c.col);
+      }
+      double ss = 0.0;
+      for (int64_t t = 0; t < d; ++t) ss += static_cast<double>(o[t]) * static_cast<double>(o[t]);
+      const T scale = static_cast<T>(1.0 / std::max(std::sqrt(ss), 1e-12));
+      for (int64_t t = 0; t < d; ++t) o[t] *= scale;
+    }
+  });
+  return {out.narrow(0, 0, nv).clone(), out.narrow(0, nv, nr).clone(), crow, cols, vals};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_cpu(const at::Tensor& features_v,
+                                                                                const at::Tensor& features_r,
+                                                                                int64_t k) {
+  TORCH_CHECK(features_v.dim() == 2 && features_r.dim() == 2, "vireid::cmfp: features must be 2-D (N, d), got ",
+              features_v.sizes(), " and ", features_r.sizes());
+  TORCH_CHECK(features_v.scalar_type() == features_r.scalar_type(), "vireid::cmfp: features must share a dtype");
+  TORCH_CHECK(features_v.scalar_type() == at::kFloat || features_v.scalar_type() == at::kDouble,
+              "vireid::cmfp: features must be float32 or float64");
+  TORCH_CHECK(features_v.size(1) == features_r.size(1), "vireid::cmfp: features must share the dimension d");
+  TORCH_CHECK(features_v.size(0) > 0 && features_r.size(0) > 0 && features_v.size(1) > 0,
+              "vireid::cmfp: features must be non-empty");
+  TORCH_CHECK(k >= 1 && k <= std::min(features_v.size(0), features_r.size(0)),
+              "vireid::cmfp: k must be in [1, min(N_v, N_r)], got ", k);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(features_v.scalar_type(), "vireid_cmfp", [&] {
+    result = cmfp_impl<scalar_t>(features_v.contiguous(), features_r.contiguous(), k);
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace vireid
+
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("cmfp", &vireid::cmfp_cpu); }
