@@ -10,9 +10,8 @@ index (a stable sort). Under ``protocol="sysu"`` every gallery item from camera 
   cumulative hit curve over that identity list. Curves are summed over all queries and divided by the number of
   *valid* queries (those with at least one true match left); AP/INP are averaged over valid queries.
 
-Instead of a Python loop per query, queries are processed in chunks (bounded memory: about ``chunk_elements``
-gallery entries per chunk): one stable ``argsort`` per chunk, cumulative sums for precision and ranks, and a
-``scatter_reduce`` giving each identity's first kept rank for the de-duplicated CMC.
+Instead of a Python loop per query, everything is computed with tensor operations over chunks of bounded size
+(about ``chunk_elements`` distance entries each), without sorting the rows (see :func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -177,9 +176,14 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, *, protocol:
         q_camids, g_camids: integer cameras; required for ``protocol="sysu"``, ignored for ``"regdb"``.
         protocol: ``"sysu"`` (camera 3 queries drop camera 2 gallery items) or ``"regdb"`` (nothing dropped).
         max_rank: length of the CMC curves; capped at num_g as the community code does.
-        chunk_elements: query rows are processed in chunks of about this many distance entries.
+        chunk_elements: work is done in chunks of about this many distance entries (bounded memory).
     Returns:
         :class:`RetrievalResult`. Raises ValueError if no query has a true match left.
+
+    No sort is needed: item g precedes item j in a query's ranking iff ``d_g < d_j`` or (``d_g == d_j`` and
+    ``g < j``), so the kept rank of each true match is one plus the number of kept items preceding it, and the
+    de-duplicated rank counts the distinct identities among the kept items preceding the first true match. The
+    cost is O(num_true_matches x num_g), less than sorting every row when identities have few gallery images.
     """
     dist, qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_rank)
     num_q, num_g = dist.shape
@@ -189,51 +193,70 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, *, protocol:
     pos = torch.searchsorted(g_unique, qp).clamp_max(len(g_unique) - 1)
     q_code = torch.where(g_unique[pos] == qp, pos, torch.full_like(pos, -1))
     num_ids = len(g_unique)
+    g_index = torch.arange(num_g)
+    # The only removal (SYSU): camera-3 queries drop camera-2 gallery items. Two keep masks exist at most.
+    drops = torch.zeros(num_q, dtype=torch.bool) if protocol == "regdb" else qc == 3
+    keep_masks = torch.stack([torch.ones(num_g, dtype=torch.bool),
+                              torch.ones(num_g, dtype=torch.bool) if protocol == "regdb" else gc != 2])
+    mask_of_query = drops.long()
+    ids_left = torch.stack([torch.zeros(num_ids, dtype=torch.bool).index_fill_(0, g_code[m], True).sum()
+                            for m in keep_masks])
+    num_unique = ids_left[mask_of_query]
 
-    ap = torch.full((num_q,), float("nan"), dtype=torch.float64)
-    inp = torch.full((num_q,), float("nan"), dtype=torch.float64)
-    first_rank = torch.zeros(num_q, dtype=torch.int64)  # 1-based rank of the first true match (0: none)
-    unique_rank = torch.zeros(num_q, dtype=torch.int64)  # 1-based rank among de-duplicated identities
-    num_unique = torch.zeros(num_q, dtype=torch.int64)
-    big = num_g + 1
-    chunk = max(1, int(chunk_elements) // num_g)
-    for s in range(0, num_q, chunk):
-        e = min(num_q, s + chunk)
-        order = torch.argsort(dist[s:e], dim=1, stable=True)
-        codes = g_code[order]  # (B, num_g) identity codes in rank order
-        match = codes == q_code[s:e, None]
-        if protocol == "sysu":
-            keep = ~((qc[s:e, None] == 3) & (gc[order] == 2))
-            rank = keep.cumsum(1)  # 1-based rank within the kept list (meaningful where keep)
-            hit = match & keep
-        else:
-            keep = None
-            rank = torch.arange(1, num_g + 1, dtype=torch.int64).expand(e - s, num_g)
-            hit = match
-        n_rel = hit.sum(1)
-        ok = n_rel > 0
-        cum_hits = hit.cumsum(1)
-        precision = torch.where(hit, cum_hits.double() / rank.clamp_min(1).double(), 0.0)
-        ap[s:e] = torch.where(ok, precision.sum(1) / n_rel.clamp_min(1), ap[s:e])
-        last = torch.where(hit, rank, 0).amax(1)
-        inp[s:e] = torch.where(ok, n_rel.double() / last.clamp_min(1).double(), inp[s:e])
-        first = torch.where(hit, rank, big).amin(1)
-        first_rank[s:e] = torch.where(ok, first, 0)
-        # Each identity's first kept rank; identities ranked before the first true match are the wrong ones.
-        kept_rank = rank if keep is None else torch.where(keep, rank, big)
-        first_of_id = torch.full((e - s, num_ids), big, dtype=torch.int64)
-        first_of_id.scatter_reduce_(1, codes, kept_rank, reduce="amin", include_self=True)
-        before = (first_of_id < first[:, None]).sum(1)
-        unique_rank[s:e] = torch.where(ok, before + 1, 0)
-        num_unique[s:e] = (first_of_id < big).sum(1)
+    # Every (query, kept true match) pair.
+    hit_q, hit_g = [], []
+    step = max(1, chunk_elements // num_g)
+    for s in range(0, num_q, step):
+        e = min(num_q, s + step)
+        hit = (g_code[None, :] == q_code[s:e, None]) & keep_masks[mask_of_query[s:e]]
+        r, c = torch.nonzero(hit, as_tuple=True)
+        hit_q.append(r + s)
+        hit_g.append(c)
+    hit_q, hit_g = torch.cat(hit_q), torch.cat(hit_g)
+    # Kept rank (1-based) of each true match.
+    hit_rank = torch.empty(len(hit_q), dtype=torch.int64)
+    for s in range(0, len(hit_q), step):
+        e = min(len(hit_q), s + step)
+        hq, hg = hit_q[s:e], hit_g[s:e]
+        rows = dist[hq]
+        d_hit = rows.gather(1, hg[:, None])
+        precede = (rows < d_hit) | ((rows == d_hit) & (g_index[None, :] < hg[:, None]))
+        hit_rank[s:e] = (precede & keep_masks[mask_of_query[hq]]).sum(1) + 1
 
-    valid = first_rank > 0
+    n_rel = torch.bincount(hit_q, minlength=num_q)
+    valid = n_rel > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError("no query has a true match in the gallery (after the protocol's camera removal); "
                          "check that query and gallery identities overlap")
-    cmc = _curve(first_rank[valid], max_rank, num_valid)
-    cmc_unique = _curve(unique_rank[valid], max_rank, num_valid)
+    # Order the hits by (query, rank): the i-th hit of a query (1-based) contributes precision i / rank.
+    order = torch.argsort(hit_q * (num_g + 1) + hit_rank)
+    hq, hr, hg = hit_q[order], hit_rank[order], hit_g[order]
+    first_pos = torch.zeros(num_q + 1, dtype=torch.int64)
+    first_pos[1:] = n_rel.cumsum(0)
+    nth = torch.arange(len(hq)) - first_pos[hq] + 1
+    ap_sum = torch.zeros(num_q, dtype=torch.float64).index_add_(0, hq, nth.double() / hr.double())
+    last_rank = torch.zeros(num_q, dtype=torch.int64).scatter_reduce_(0, hq, hr, reduce="amax")
+    nan = torch.full((num_q,), float("nan"), dtype=torch.float64)
+    n_rel_safe = n_rel.clamp_min(1).double()
+    ap = torch.where(valid, ap_sum / n_rel_safe, nan)
+    inp = torch.where(valid, n_rel.double() / last_rank.clamp_min(1).double(), nan)
+
+    # First true match of each valid query, and the distinct identities ranked before it.
+    is_first = nth == 1
+    fq, fg, first_rank = hq[is_first], hg[is_first], hr[is_first]
+    unique_rank = torch.empty_like(first_rank)
+    for s in range(0, len(fq), step):
+        e = min(len(fq), s + step)
+        rows = dist[fq[s:e]]
+        d_first = rows.gather(1, fg[s:e, None])
+        precede = ((rows < d_first) | ((rows == d_first) & (g_index[None, :] < fg[s:e, None])))
+        precede &= keep_masks[mask_of_query[fq[s:e]]]
+        seen = torch.zeros(e - s, num_ids, dtype=torch.int32)
+        seen.scatter_add_(1, g_code.expand(e - s, num_g), precede.int())
+        unique_rank[s:e] = (seen > 0).sum(1) + 1
+    cmc = _curve(first_rank, max_rank, num_valid)
+    cmc_unique = _curve(unique_rank, max_rank, num_valid)
     return RetrievalResult(cmc=cmc, cmc_unique=cmc_unique, mAP=float(ap[valid].mean()), mINP=float(inp[valid].mean()),
                            ap=ap.numpy(), inp=inp.numpy(), valid=valid.numpy(), protocol=protocol, max_rank=max_rank,
                            num_unique=num_unique.numpy())
