@@ -1,8 +1,9 @@
 // Cross-Modality Feature Propagation (SALCR Eq. 28-29) on the CPU, without any dense (Nv+Nr)^2 matrix.
 //
-// X = [Fv; Fr] (N x d). The Gram matrix X X^T is symmetric, so it is computed once per unordered pair, one row panel
-// at a time: panel p holds rows [I0, I1) against columns [I0, N) (one GEMM, at most T x N values). Row i of the panel
-// feeds the candidate lists of row i; columns j >= I1 feed row j's lists through a transposed read of the panel.
+// X = [Fv; Fr] (N x d, never materialised). The Gram matrix X X^T is symmetric, so it is computed once per unordered
+// pair, one row panel at a time: panel p holds rows [I0, I1) (within one modality) against columns [I0, N) (one or two
+// GEMMs, at most T x N values). Row i of the panel feeds the candidate lists of row i; columns j >= I1 feed row j's
+// lists through a transposed read of the panel.
 //
 // Each (row, block) keeps a candidate list of (value, column): every value >= `lo` is appended, where `lo` is the
 // k-th largest value among the candidates so far (-inf until k candidates exist). When the list reaches its capacity
@@ -86,65 +87,86 @@ void scan(const T* v, int64_t n, int64_t col0, Candidates<T>& c, int64_t k, std:
     if (v[t] >= c.lo) c.push(v[t], col0 + t, k, scratch);
 }
 
-// Feed values v[0..n) at columns col0.. of the assembled matrix to row `row`'s two lists (split at Nv).
-template <typename T>
-void scan_split(const T* v, int64_t n, int64_t col0, int64_t nv, Candidates<T>* lists, int64_t k,
-                std::vector<T>& scratch) {
-  const int64_t n_v = std::clamp<int64_t>(nv - col0, 0, n);
-  if (n_v > 0) scan(v, n_v, col0, lists[0], k, scratch);
-  if (n_v < n) scan(v + n_v, n - n_v, col0 + n_v, lists[1], k, scratch);
-}
-
 template <typename T>
 VIREID_ALWAYS_INLINE void axpy_body(T* out, const T* x, T w, int64_t d) {
   for (int64_t t = 0; t < d; ++t) out[t] += w * x[t];
 }
 VIREID_MULTIVERSION(axpy)
 
+// One column segment of a panel: values (rows x width, contiguous) at assembled columns [col0, col0 + width).
+template <typename T>
+struct Segment {
+  const T* data;
+  int64_t width, col0;
+};
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl(const at::Tensor& fv,
                                                                                  const at::Tensor& fr, int64_t k) {
   const int64_t nv = fv.size(0), nr = fr.size(0), d = fv.size(1);
   const int64_t n = nv + nr;
-  const at::Tensor x = at::cat({fv, fr}, 0).contiguous();
-  const T* xp = x.data_ptr<T>();
+  const T* fvp = fv.data_ptr<T>();
+  const T* frp = fr.data_ptr<T>();
+  auto row_ptr = [&](int64_t j) { return j < nv ? fvp + j * d : frp + (j - nv) * d; };
 
   std::vector<Candidates<T>> lists(2 * n);  // lists[2 i + b]: row i against block b (0: visible, 1: infrared)
   for (auto& c : lists) c.init(k);
 
-  // Panel height: enough rows for an efficient GEMM, at most ~64 MB of panel.
+  // Panel height: enough rows for an efficient GEMM, at most ~64 MB of panel. Panels never straddle the modality
+  // boundary, so every panel row belongs to one feature tensor (no concatenated copy of the inputs is made).
   const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T));
   const int64_t panel_rows = std::clamp<int64_t>(budget / std::max<int64_t>(n, 1), 128, 1024);
-  at::Tensor panel = at::empty({0}, x.options());
+  at::Tensor seg_v = at::empty({0}, fv.options()), seg_r = at::empty({0}, fv.options());
   constexpr int64_t kColChunk = 32;
 
-  for (int64_t i0 = 0; i0 < n; i0 += panel_rows) {
-    const int64_t i1 = std::min(n, i0 + panel_rows);
-    const int64_t rows = i1 - i0, width = n - i0;
-    panel.resize_({rows, width});
-    at::mm_out(panel, x.narrow(0, i0, rows), x.narrow(0, i0, width).t());
-    const T* pp = panel.data_ptr<T>();
-    // Rows of the panel: columns [i0, n) of rows [i0, i1).
+  for (int64_t i0 = 0; i0 < n;) {
+    const int64_t i1 = i0 < nv ? std::min(nv, i0 + panel_rows) : std::min(n, i0 + panel_rows);
+    const int64_t rows = i1 - i0;
+    const int64_t panel_block = i0 < nv ? 0 : 1;
+    const at::Tensor lhs = i0 < nv ? fv.narrow(0, i0, rows) : fr.narrow(0, i0 - nv, rows);
+    std::vector<Segment<T>> segs;
+    if (i0 < nv) {
+      seg_v.resize_({rows, nv - i0});
+      at::mm_out(seg_v, lhs, fv.narrow(0, i0, nv - i0).t());
+      segs.push_back({seg_v.data_ptr<T>(), nv - i0, i0});
+      seg_r.resize_({rows, nr});
+      at::mm_out(seg_r, lhs, fr.t());
+      segs.push_back({seg_r.data_ptr<T>(), nr, nv});
+    } else {
+      seg_r.resize_({rows, n - i0});
+      at::mm_out(seg_r, lhs, fr.narrow(0, i0 - nv, n - i0).t());
+      segs.push_back({seg_r.data_ptr<T>(), n - i0, i0});
+    }
+    // Rows of the panel: columns [i0, n) of rows [i0, i1); each segment lies in one block.
     at::parallel_for(0, rows, 8, [&](int64_t r0, int64_t r1) {
       std::vector<T> scratch;
-      for (int64_t r = r0; r < r1; ++r) scan_split(pp + r * width, width, i0, nv, &lists[2 * (i0 + r)], k, scratch);
+      for (int64_t r = r0; r < r1; ++r)
+        for (const auto& sg : segs)
+          scan(sg.data + r * sg.width, sg.width, sg.col0, lists[2 * (i0 + r) + (sg.col0 < nv ? 0 : 1)], k, scratch);
     });
-    // Columns j >= i1 of the panel are rows j's values at columns [i0, i1) (symmetry).
-    const int64_t ncols = n - i1;
-    at::parallel_for(0, (ncols + kColChunk - 1) / kColChunk, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<T> scratch, buf(kColChunk * rows);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t j0 = i1 + c * kColChunk, j1 = std::min(n, j0 + kColChunk);
-        const int64_t cw = j1 - j0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const T* src = pp + r * width + (j0 - i0);
-          for (int64_t u = 0; u < cw; ++u) buf[u * rows + r] = src[u];
+    // Columns j >= i1 of the panel are rows j's values at columns [i0, i1) (symmetry), all in panel_block.
+    for (const auto& sg : segs) {
+      const int64_t first = std::max(i1, sg.col0), last = sg.col0 + sg.width;
+      if (first >= last) continue;
+      const int64_t chunks = (last - first + kColChunk - 1) / kColChunk;
+      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+        std::vector<T> scratch, buf(kColChunk * rows);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t j0 = first + c * kColChunk, j1 = std::min(last, j0 + kColChunk);
+          const int64_t cw = j1 - j0;
+          for (int64_t r = 0; r < rows; ++r) {
+            const T* src = sg.data + r * sg.width + (j0 - sg.col0);
+            for (int64_t u = 0; u < cw; ++u) buf[u * rows + r] = src[u];
+          }
+          for (int64_t u = 0; u < cw; ++u)
+            scan(buf.data() + u * rows, rows, i0, lists[2 * (j0 + u) + panel_block], k, scratch);
         }
-        for (int64_t u = 0; u < cw; ++u) scan_split(buf.data() + u * rows, rows, i0, nv, &lists[2 * (j0 + u)], k, scratch);
-      }
-    });
+      });
+    }
+    i0 = i1;
   }
-  panel = at::Tensor();
+  seg_v = at::Tensor();
+  seg_r = at::Tensor();
 
   // Final threshold per list, positive kept entries, per-block row normalisation.
   std::vector<int64_t> counts(n + 1, 0);
@@ -180,18 +202,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
   });
   std::partial_sum(counts.begin(), counts.end(), counts.begin());
   const int64_t nnz = counts[n];
-  at::Tensor crow = at::empty({n + 1}, x.options().dtype(at::kLong));
-  at::Tensor cols = at::empty({nnz}, x.options().dtype(at::kLong));
-  at::Tensor vals = at::empty({nnz}, x.options());
+  at::Tensor crow = at::empty({n + 1}, fv.options().dtype(at::kLong));
+  at::Tensor cols = at::empty({nnz}, fv.options().dtype(at::kLong));
+  at::Tensor vals = at::empty({nnz}, fv.options());
   std::copy(counts.begin(), counts.end(), crow.data_ptr<int64_t>());
-  at::Tensor out = at::zeros({n, d}, x.options());
+  at::Tensor out_v = at::zeros({nv, d}, fv.options()), out_r = at::zeros({nr, d}, fv.options());
   int64_t* cp = cols.data_ptr<int64_t>();
   T* vp = vals.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  T* ovp = out_v.data_ptr<T>();
+  T* orp = out_r.data_ptr<T>();
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
       int64_t e = counts[i];
-      T* o = op + i * d;
+      T* o = i < nv ? ovp + i * d : orp + (i - nv) * d;
       for (int64_t b = 0; b < 2; ++b) {
         Candidates<T>& c = lists[2 * i + b];
         const T inv = static_cast<T>(1.0 / sums[2 * i + b]);  // only used when the list is non-empty (sum > 0)
@@ -199,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
           const T w = c.val[u] * inv;
           cp[e] = c.col[u];
           vp[e] = w;
-          axpy<T>(o, xp + c.col[u] * d, w, d);
+          axpy<T>(o, row_ptr(c.col[u]), w, d);
         }
         std::vector<T>().swap(c.val);
         std::vector<int64_t>().swap(c.col);
@@ -210,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
       for (int64_t t = 0; t < d; ++t) o[t] *= scale;
     }
   });
-  return {out.narrow(0, 0, nv).clone(), out.narrow(0, nv, nr).clone(), crow, cols, vals};
+  return {out_v, out_r, crow, cols, vals};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_cpu(const at::Tensor& features_v,
