@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
   const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T));
   const int64_t panel_rows = std::clamp<int64_t>(budget / std::max<int64_t>(n, 1), 128, 1024);
   at::Tensor seg_v = at::empty({0}, fv.options()), seg_r = at::empty({0}, fv.options());
-  constexpr int64_t kColChunk = 32;
+  constexpr int64_t kColChunk = 64;
 
   for (int64_t i0 = 0; i0 < n;) {
     const int64_t i1 = i0 < nv ? std::min(nv, i0 + panel_rows) : std::min(n, i0 + panel_rows);
@@ -150,16 +150,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
       if (first >= last) continue;
       const int64_t chunks = (last - first + kColChunk - 1) / kColChunk;
       at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<T> scratch, buf(kColChunk * rows);
+        std::vector<T> scratch;
+        T lo[kColChunk];
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t j0 = first + c * kColChunk, j1 = std::min(last, j0 + kColChunk);
           const int64_t cw = j1 - j0;
+          Candidates<T>* col_lists[kColChunk];
+          for (int64_t u = 0; u < cw; ++u) {
+            col_lists[u] = &lists[2 * (j0 + u) + panel_block];
+            lo[u] = col_lists[u]->lo;
+          }
+          // Row-major read of the panel (no transposed copy): compare a row's cw values with the cw thresholds.
           for (int64_t r = 0; r < rows; ++r) {
             const T* src = sg.data + r * sg.width + (j0 - sg.col0);
-            for (int64_t u = 0; u < cw; ++u) buf[u * rows + r] = src[u];
+            bool any = false;
+            for (int64_t u = 0; u < cw; ++u) any |= src[u] >= lo[u];
+            if (!any) continue;
+            for (int64_t u = 0; u < cw; ++u) {
+              if (src[u] >= lo[u]) {
+                col_lists[u]->push(src[u], i0 + r, k, scratch);
+                lo[u] = col_lists[u]->lo;
+              }
+            }
           }
-          for (int64_t u = 0; u < cw; ++u)
-            scan(buf.data() + u * rows, rows, i0, lists[2 * (j0 + u) + panel_block], k, scratch);
         }
       });
     }
