@@ -10,8 +10,8 @@ index (a stable sort). Under ``protocol="sysu"`` every gallery item from camera 
   cumulative hit curve over that identity list. Curves are summed over all queries and divided by the number of
   *valid* queries (those with at least one true match left); AP/INP are averaged over valid queries.
 
-Instead of a Python loop per query, everything is computed with tensor operations over chunks of bounded size
-(about ``chunk_elements`` distance entries each), without sorting the rows (see :func:`evaluate`).
+Instead of a Python loop per query, everything is computed with vectorised array operations over chunks of bounded
+size (about ``chunk_elements`` distance entries each), without sorting the rows (see :func:`evaluate`).
 """
 
 from __future__ import annotations
@@ -108,28 +108,27 @@ class RetrievalResult:
         return text
 
 
-def _as_tensor(name: str, x, *, floating: bool) -> torch.Tensor:
+def _as_array(name: str, x, *, floating: bool) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        t = x.detach()
+        t = x.detach().cpu()
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        arr = t.numpy()
     elif isinstance(x, (np.ndarray, list, tuple)):
-        t = torch.as_tensor(np.asarray(x))
+        arr = np.asarray(x)
     else:
         raise TypeError(f"{name} must be a numpy array or torch.Tensor, got {type(x).__name__}")
+    kind = arr.dtype.kind
     if floating:
-        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
-        if not t.is_floating_point():
-            t = t.double()
-        elif t.dtype in (torch.float16, torch.bfloat16):
-            t = t.float()
-    else:
-        if t.is_floating_point():
-            if not bool((t == t.round()).all()):
-                raise ValueError(f"{name} must hold integer labels, got non-integer floats")
-        elif t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"{name} must be an integer array, got dtype {t.dtype}")
-        t = t.long()
-    return t.cpu()
+        if kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        return arr if kind == "f" and arr.dtype.itemsize >= 4 else arr.astype(np.float64)
+    if kind == "f":
+        if not np.array_equal(arr, np.round(arr)):
+            raise ValueError(f"{name} must hold integer labels, got non-integer floats")
+    elif kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
 
 
 def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_rank):
@@ -137,18 +136,19 @@ def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_ran
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
         raise ValueError(f"max_rank must be an int >= 1, got {max_rank!r}")
-    dist = _as_tensor("distmat", distmat, floating=True)
-    if dist.dim() != 2:
+    dist = _as_array("distmat", distmat, floating=True)
+    if dist.ndim != 2:
         raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {tuple(dist.shape)}")
     num_q, num_g = dist.shape
     if num_q == 0:
         raise ValueError("distmat has no query rows; pass at least one query")
     if num_g == 0:
         raise ValueError("the gallery is empty (distmat has 0 columns); pass at least one gallery item")
-    if not bool(torch.isfinite(dist).all()):
+    # A finite sum proves every entry finite; only a non-finite sum (or overflow) needs the elementwise check.
+    if not np.isfinite(dist.sum(dtype=np.float64)) and not np.isfinite(dist).all():
         raise ValueError("distmat contains NaN or Inf; clean the distances (e.g. check the features) before evaluating")
-    qp = _as_tensor("q_pids", q_pids, floating=False).reshape(-1)
-    gp = _as_tensor("g_pids", g_pids, floating=False).reshape(-1)
+    qp = _as_array("q_pids", q_pids, floating=False).reshape(-1)
+    gp = _as_array("g_pids", g_pids, floating=False).reshape(-1)
     if len(qp) != num_q:
         raise ValueError(f"q_pids has {len(qp)} entries but distmat has {num_q} query rows")
     if len(gp) != num_g:
@@ -157,8 +157,8 @@ def _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_ran
     if protocol == "sysu":
         if q_camids is None or g_camids is None:
             raise ValueError("protocol='sysu' needs q_camids and g_camids (camera 3 queries drop camera 2 gallery)")
-        qc = _as_tensor("q_camids", q_camids, floating=False).reshape(-1)
-        gc = _as_tensor("g_camids", g_camids, floating=False).reshape(-1)
+        qc = _as_array("q_camids", q_camids, floating=False).reshape(-1)
+        gc = _as_array("g_camids", g_camids, floating=False).reshape(-1)
         if len(qc) != num_q:
             raise ValueError(f"q_camids has {len(qc)} entries but distmat has {num_q} query rows")
         if len(gc) != num_g:
@@ -184,87 +184,87 @@ def evaluate(distmat, q_pids, g_pids, q_camids=None, g_camids=None, *, protocol:
     ``g < j``), so the kept rank of each true match is one plus the number of kept items preceding it, and the
     de-duplicated rank counts the distinct identities among the kept items preceding the first true match. The
     cost is O(num_true_matches x num_g), less than sorting every row when identities have few gallery images.
+    The work is vectorised NumPy (single-threaded: on shared CPUs this beats many short multi-threaded kernels).
     """
     dist, qp, gp, qc, gc = _check_inputs(distmat, q_pids, g_pids, q_camids, g_camids, protocol, max_rank)
     num_q, num_g = dist.shape
     max_rank = int(min(max_rank, num_g))
     # Gallery identities as compact codes; a query whose pid is absent from the gallery gets code -1 (never valid).
-    g_unique, g_code = torch.unique(gp, return_inverse=True)
-    pos = torch.searchsorted(g_unique, qp).clamp_max(len(g_unique) - 1)
-    q_code = torch.where(g_unique[pos] == qp, pos, torch.full_like(pos, -1))
+    g_unique, g_code = np.unique(gp, return_inverse=True)
+    g_code = g_code.reshape(-1)
+    pos = np.minimum(np.searchsorted(g_unique, qp), len(g_unique) - 1)
+    q_code = np.where(g_unique[pos] == qp, pos, -1)
     num_ids = len(g_unique)
-    g_index = torch.arange(num_g)
+    g_index = np.arange(num_g)
     # The only removal (SYSU): camera-3 queries drop camera-2 gallery items. Two keep masks exist at most.
-    drops = torch.zeros(num_q, dtype=torch.bool) if protocol == "regdb" else qc == 3
-    keep_masks = torch.stack([torch.ones(num_g, dtype=torch.bool),
-                              torch.ones(num_g, dtype=torch.bool) if protocol == "regdb" else gc != 2])
-    mask_of_query = drops.long()
-    ids_left = torch.stack([torch.zeros(num_ids, dtype=torch.bool).index_fill_(0, g_code[m], True).sum()
-                            for m in keep_masks])
+    all_kept = np.ones(num_g, dtype=bool)
+    keep_masks = np.stack([all_kept, all_kept if protocol == "regdb" else gc != 2])
+    mask_of_query = np.zeros(num_q, dtype=np.int64) if protocol == "regdb" else (qc == 3).astype(np.int64)
+    ids_left = np.array([len(np.unique(g_code[m])) for m in keep_masks], dtype=np.int64)
     num_unique = ids_left[mask_of_query]
 
-    # Every (query, kept true match) pair.
+    # Every (query, kept true match) pair, in (query, gallery index) order.
+    step = max(1, int(chunk_elements) // num_g)
     hit_q, hit_g = [], []
-    step = max(1, chunk_elements // num_g)
     for s in range(0, num_q, step):
         e = min(num_q, s + step)
         hit = (g_code[None, :] == q_code[s:e, None]) & keep_masks[mask_of_query[s:e]]
-        r, c = torch.nonzero(hit, as_tuple=True)
+        r, c = np.nonzero(hit)
         hit_q.append(r + s)
         hit_g.append(c)
-    hit_q, hit_g = torch.cat(hit_q), torch.cat(hit_g)
-    # Kept rank (1-based) of each true match.
-    hit_rank = torch.empty(len(hit_q), dtype=torch.int64)
+    hit_q, hit_g = np.concatenate(hit_q), np.concatenate(hit_g)
+
+    def preceding(queries: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """(len(queries), num_g) bool: kept gallery items ranked before `items` in each query's list."""
+        rows = dist[queries]
+        d_item = rows[np.arange(len(queries)), items][:, None]
+        before = (rows < d_item) | ((rows == d_item) & (g_index[None, :] < items[:, None]))
+        return before & keep_masks[mask_of_query[queries]]
+
+    hit_rank = np.empty(len(hit_q), dtype=np.int64)  # 1-based kept rank of each true match
     for s in range(0, len(hit_q), step):
         e = min(len(hit_q), s + step)
-        hq, hg = hit_q[s:e], hit_g[s:e]
-        rows = dist[hq]
-        d_hit = rows.gather(1, hg[:, None])
-        precede = (rows < d_hit) | ((rows == d_hit) & (g_index[None, :] < hg[:, None]))
-        hit_rank[s:e] = (precede & keep_masks[mask_of_query[hq]]).sum(1) + 1
+        hit_rank[s:e] = preceding(hit_q[s:e], hit_g[s:e]).sum(1) + 1
 
-    n_rel = torch.bincount(hit_q, minlength=num_q)
+    n_rel = np.bincount(hit_q, minlength=num_q)
     valid = n_rel > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
         raise ValueError("no query has a true match in the gallery (after the protocol's camera removal); "
                          "check that query and gallery identities overlap")
     # Order the hits by (query, rank): the i-th hit of a query (1-based) contributes precision i / rank.
-    order = torch.argsort(hit_q * (num_g + 1) + hit_rank)
+    order = np.argsort(hit_q * (num_g + 1) + hit_rank, kind="stable")
     hq, hr, hg = hit_q[order], hit_rank[order], hit_g[order]
-    first_pos = torch.zeros(num_q + 1, dtype=torch.int64)
-    first_pos[1:] = n_rel.cumsum(0)
-    nth = torch.arange(len(hq)) - first_pos[hq] + 1
-    ap_sum = torch.zeros(num_q, dtype=torch.float64).index_add_(0, hq, nth.double() / hr.double())
-    last_rank = torch.zeros(num_q, dtype=torch.int64).scatter_reduce_(0, hq, hr, reduce="amax")
-    nan = torch.full((num_q,), float("nan"), dtype=torch.float64)
-    n_rel_safe = n_rel.clamp_min(1).double()
-    ap = torch.where(valid, ap_sum / n_rel_safe, nan)
-    inp = torch.where(valid, n_rel.double() / last_rank.clamp_min(1).double(), nan)
+    first_pos = np.concatenate([[0], np.cumsum(n_rel)])
+    nth = np.arange(len(hq)) - first_pos[hq] + 1
+    ap_sum = np.bincount(hq, weights=nth / hr, minlength=num_q)
+    last_rank = np.zeros(num_q, dtype=np.int64)
+    last_rank[valid] = hr[first_pos[1:][valid] - 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(valid, ap_sum / np.maximum(n_rel, 1), np.nan)
+        inp = np.where(valid, n_rel / np.maximum(last_rank, 1), np.nan)
 
     # First true match of each valid query, and the distinct identities ranked before it.
     is_first = nth == 1
     fq, fg, first_rank = hq[is_first], hg[is_first], hr[is_first]
-    unique_rank = torch.empty_like(first_rank)
-    for s in range(0, len(fq), step):
-        e = min(len(fq), s + step)
-        rows = dist[fq[s:e]]
-        d_first = rows.gather(1, fg[s:e, None])
-        precede = ((rows < d_first) | ((rows == d_first) & (g_index[None, :] < fg[s:e, None])))
-        precede &= keep_masks[mask_of_query[fq[s:e]]]
-        seen = torch.zeros(e - s, num_ids, dtype=torch.int32)
-        seen.scatter_add_(1, g_code.expand(e - s, num_g), precede.int())
-        unique_rank[s:e] = (seen > 0).sum(1) + 1
+    unique_rank = np.empty_like(first_rank)
+    id_step = max(1, int(chunk_elements) // max(num_g, num_ids))
+    for s in range(0, len(fq), id_step):
+        e = min(len(fq), s + id_step)
+        r, c = np.nonzero(preceding(fq[s:e], fg[s:e]))
+        seen = np.zeros((e - s) * num_ids, dtype=bool)
+        seen[r * num_ids + g_code[c]] = True
+        unique_rank[s:e] = seen.reshape(e - s, num_ids).sum(1) + 1
     cmc = _curve(first_rank, max_rank, num_valid)
     cmc_unique = _curve(unique_rank, max_rank, num_valid)
     return RetrievalResult(cmc=cmc, cmc_unique=cmc_unique, mAP=float(ap[valid].mean()), mINP=float(inp[valid].mean()),
-                           ap=ap.numpy(), inp=inp.numpy(), valid=valid.numpy(), protocol=protocol, max_rank=max_rank,
-                           num_unique=num_unique.numpy())
+                           ap=ap.astype(np.float64), inp=inp.astype(np.float64), valid=valid, protocol=protocol,
+                           max_rank=max_rank, num_unique=num_unique)
 
 
-def _curve(ranks: torch.Tensor, max_rank: int, num_valid: int) -> np.ndarray:
-    counts = torch.bincount(ranks.clamp_max(max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
-    return (counts.cumsum(0).double() / num_valid).numpy()
+def _curve(ranks: np.ndarray, max_rank: int, num_valid: int) -> np.ndarray:
+    counts = np.bincount(np.minimum(ranks, max_rank + 1) - 1, minlength=max_rank + 1)[:max_rank]
+    return np.cumsum(counts) / num_valid
 
 
 def hit_counts(result: RetrievalResult, *, unique: bool) -> np.ndarray:
