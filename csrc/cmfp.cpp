@@ -36,11 +36,9 @@ struct Candidates {
   T lo = -std::numeric_limits<T>::infinity();
   size_t cap = 0;
 
-  void init(int64_t k) {
-    cap = static_cast<size_t>(std::max<int64_t>(4 * k, 64));
-    val.reserve(cap);
-    col.reserve(cap);
-  }
+  // Prune once the list holds 2k entries (at least 64): amortised O(1) per push, and at most ~2k entries per list
+  // (plus ties), so large k costs memory proportional to the output rather than a fixed reservation.
+  void init(int64_t k) { cap = static_cast<size_t>(std::max<int64_t>(2 * k, 64)); }
 
   // The k-th largest value of `val` (k <= val.size()), counted with multiplicity.
   T kth_largest(int64_t k, std::vector<T>& scratch) const {
