@@ -241,8 +241,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
   T* vp = vals.data_ptr<T>();
   T* ovp = out_v.data_ptr<T>();
   T* orp = out_r.data_ptr<T>();
-  at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i) {
+  // Propagation is a gather of neighbour rows (memory-bound). Rows are visited grouped by their smallest visible
+  // neighbour, so rows of one identity, which share most neighbours, run back to back and find them in cache.
+  std::vector<int64_t> visit(n);
+  {
+    std::vector<int64_t> key(n);
+    for (int64_t i = 0; i < n; ++i) key[i] = lists[2 * i].col.empty() ? n : lists[2 * i].col[0];
+    std::iota(visit.begin(), visit.end(), int64_t{0});
+    std::stable_sort(visit.begin(), visit.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
+  }
+  at::parallel_for(0, n, 16, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i = visit[p];
       int64_t e = counts[i];
       T* o = i < nv ? ovp + i * d : orp + (i - nv) * d;
       for (int64_t b = 0; b < 2; ++b) {
