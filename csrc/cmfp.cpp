@@ -3,7 +3,7 @@
 // X = [Fv; Fr] (N x d, never materialised). The Gram matrix X X^T is symmetric, so it is computed once per unordered
 // pair, one row panel at a time: panel p holds rows [I0, I1) (within one modality) against columns [I0, N) (one or two
 // GEMMs, at most T x N values). Row i of the panel feeds the candidate lists of row i; columns j >= I1 feed row j's
-// lists through a transposed read of the panel.
+// lists (read row-major against a small array of per-column thresholds).
 //
 // Each (row, block) keeps a candidate list of (value, column): every value >= `lo` is appended, where `lo` is the
 // k-th largest value among the candidates so far (-inf until k candidates exist). When the list reaches its capacity
@@ -95,9 +95,18 @@ VIREID_MULTIVERSION(axpy)
 // out (rows x width, contiguous) = lhs (rows x d) @ rhs (width x d)^T. For float32 the product goes through oneDNN
 // when torch has it, in column blocks (bounded conversion copies): on this project's AMD CPUs MKL's sgemm takes its
 // AVX2 "zen" path and oneDNN's AVX-512 kernel is about twice as fast. Both are plain fp32 GEMMs.
+// The oneDNN path is taken only when torch's fp32 matmul precision is full (the default "highest" / "ieee"); when the
+// user has allowed reduced precision globally, the GEMM is left to at::mm, which follows that setting.
+bool full_fp32_matmul() {
+  auto& ctx = at::globalContext();
+  if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
+  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
+}
+
 template <typename T>
 void panel_gemm(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (std::is_same<T, float>::value && at::hasMKLDNN()) {
+  if (std::is_same<T, float>::value && at::hasMKLDNN() && full_fp32_matmul()) {
     constexpr int64_t kBlock = 2048;
     const at::Tensor lhs_m = lhs.contiguous().to_mkldnn();
     for (int64_t c = 0; c < rhs.size(0); c += kBlock) {
