@@ -169,3 +169,14 @@ def test_cpp_kernel_checks_sizes():
 def test_opcheck():
     fv, fr = _features(12, 9, 5)
     torch.library.opcheck(torch.ops.vireid.cmfp.default, (fv, fr, 3))
+
+
+@pytest.mark.triton
+def test_triton_large_k_falls_back_to_reference(backend, monkeypatch):
+    from vireid_fast.kernels import cmfp as triton_cmfp
+
+    monkeypatch.setattr(triton_cmfp, "MAX_K", 2)
+    fv, fr = _features(9, 7, 5, seed=4)
+    with pytest.warns(RuntimeWarning, match="k <= 2"):
+        res = _run(fv, fr, 3, "triton", backend)
+    _assert_same(res, cmfp_ref(fv, fr, 3), 1e-6)
