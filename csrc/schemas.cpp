@@ -19,4 +19,7 @@ TORCH_LIBRARY(vireid, m) {
         "Tensor? soft_targets, Tensor logits, Tensor lse, float temp, float momentum, str update) -> Tensor");
   // The update alone: normalized (B, D) L2-normalised rows in memory's dtype.
   m.def("memory_update(Tensor normalized, Tensor targets, Tensor(a!) memory, float momentum, str update) -> ()");
+  // features_v (Nv, d), features_r (Nr, d) float32/float64, 1 <= k <= min(Nv, Nr). Returns the propagated, L2-normalised
+  // features (Nv, d), (Nr, d) and the affinity G in CSR form: crow (Nv+Nr+1,) int64, col (nnz,) int64, val (nnz,).
+  m.def("cmfp(Tensor features_v, Tensor features_r, int k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -15,4 +15,5 @@ SCHEMAS: dict[str, str] = {
                                    "float momentum, str update) -> Tensor",
     "memory_update": "memory_update(Tensor normalized, Tensor targets, Tensor(a!) memory, float momentum, "
                      "str update) -> ()",
+    "cmfp": "cmfp(Tensor features_v, Tensor features_r, int k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
 }

@@ -143,3 +143,43 @@ def memory_contrastive_backward_ref(grad_loss: torch.Tensor, inputs: torch.Tenso
     grad_inputs = torch.where(norm > 1e-12, projected, grad_x / 1e-12)
     memory_update_ref(x, targets, memory, momentum, update)
     return grad_inputs.to(inputs.dtype)
+
+
+# Evaluation area: Cross-Modality Feature Propagation (SALCR Eq. 28-29)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _cmfp_block_ref(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """K(S, k) row-normalised: keep entries >= the row's k-th largest value, clamp at 0, divide by the row sum.
+
+    A row whose kept entries are all <= 0 becomes all zeros (the community code divides 0 by 0 there).
+    """
+    kth = torch.topk(sim, k, dim=1).values[:, k - 1:k]
+    kept = torch.where(sim >= kth, sim, torch.zeros_like(sim)).clamp_min(0)
+    total = kept.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, kept / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(kept))
+
+
+def cmfp_ref(features_v: torch.Tensor, features_r: torch.Tensor,
+             k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense four-block CMFP, as SALCR computes it (O((Nv+Nr)^2) memory: the oracle for small inputs only).
+
+    Args:
+        features_v: (Nv, d), features_r: (Nr, d) float32/float64 (the seeds pass L2-normalised features).
+        k: neighbours kept per row and block, 1 <= k <= min(Nv, Nr).
+    Returns:
+        prop_v (Nv, d), prop_r (Nr, d): rows of ``normalize(G @ [Fv; Fr])``; and G = [[K(Svv), K(Svr)], [K(Srv),
+        K(Srr)]] in CSR form: crow (Nv+Nr+1,) int64, col (nnz,) int64, val (nnz,) in the features' dtype (the
+        positive entries, columns sorted).
+    """
+    nv = features_v.shape[0]
+    feats = torch.cat([features_v, features_r])
+    g = torch.cat([
+        torch.cat([_cmfp_block_ref(features_v @ features_v.T, k), _cmfp_block_ref(features_v @ features_r.T, k)], 1),
+        torch.cat([_cmfp_block_ref(features_r @ features_v.T, k), _cmfp_block_ref(features_r @ features_r.T, k)], 1),
+    ])
+    prop = torch.nn.functional.normalize(g @ feats, dim=1)
+    rows, cols = torch.nonzero(g, as_tuple=True)
+    crow = torch.zeros(g.shape[0] + 1, dtype=torch.int64, device=g.device)
+    crow[1:] = torch.bincount(rows, minlength=g.shape[0]).cumsum(0)
+    return prop[:nv].contiguous(), prop[nv:].contiguous(), crow, cols, g[rows, cols]
