@@ -7,4 +7,14 @@ TORCH_LIBRARY(vireid, m) {
   // cost (B, N, K) float32/float64; a (B, N), b (B, K) float64 positive marginals of equal mass.
   // Returns plan (B, N, K) in cost's dtype, n_iter (B,) int64, err (B,) float64 (L1 row-marginal error).
   m.def("sinkhorn(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> (Tensor, Tensor, Tensor)");
+  // Clustering (csrc/knn.cpp, jaccard.cpp, dbscan.cpp). x (N, d), y (M, d) float32; metric "ip" | "l2"; precision
+  // "fp32" | "bf16" (candidate search only: the result is the same). Returns values (N, k) float32, indices int64.
+  m.def("knn(Tensor x, Tensor y, int k, str metric, str precision) -> (Tensor, Tensor)");
+  // features (N, d) float32, initial_rank (N, k1) int64, modality None or (N,) int64. Returns the CSR of the entries
+  // < 1 of the Jaccard distance: crow (N + 1,) int64, col (nnz,) int64, values (nnz,) float32.
+  m.def("kreciprocal_jaccard(Tensor features, Tensor initial_rank, int k2, Tensor? modality) -> (Tensor, Tensor, Tensor)");
+  // dist (N, N) float32/float64 -> labels (N,) int64 (-1 = noise), sklearn's numbering.
+  m.def("dbscan_dense(Tensor dist, float eps, int min_samples) -> Tensor");
+  // CSR distance whose entries not stored equal fill -> labels (N,) int64.
+  m.def("dbscan_csr(Tensor crow, Tensor col, Tensor values, float eps, int min_samples, float fill) -> Tensor");
 }

@@ -1,0 +1,287 @@
+// Exact k nearest neighbours, streamed in tiles: GEMM per tile (ATen, fp32 or bf16) + a running candidate merge,
+// then an exact float64 re-score of the candidates.
+//
+// Definition of the result (shared by every backend and by knn_ref): score(i, j) = sum_t x_it * y_jt evaluated in
+// float64 from the float32 inputs (each product is exact in float64); "ip" ranks by the largest score, "l2" by the
+// smallest ||x_i||^2 + ||y_j||^2 - 2 score; equal keys go to the lower index. The tile GEMM only proposes
+// candidates: every approximate score carries a rigorous error bound delta, each row keeps the top-C approximate
+// candidates, and the exact top-k is guaranteed to lie among them when the C-th kept score is more than the bound
+// below the k-th lower bound. Rows where that check fails are redone by an exact scan. So the bf16 candidate search
+// returns bit-identical results to the fp32 one; the precision only changes the speed.
+// Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace vireid {
+namespace {
+
+constexpr int64_t kTileRows = 1024;
+constexpr int64_t kTileCols = 1024;
+
+struct Cand {
+  float score;  // approximate score, larger is better (l2: dot - ||y||^2 / 2)
+  int32_t index;
+};
+
+// a ranks before b: larger score, then lower index.
+inline bool ranks_before(float sa, int32_t ia, float sb, int32_t ib) { return sa > sb || (sa == sb && ia < ib); }
+
+// Min-heap on rank: the top is the worst kept candidate.
+struct WorstFirst {
+  bool operator()(const Cand& a, const Cand& b) const { return ranks_before(a.score, a.index, b.score, b.index); }
+};
+
+template <typename T>
+VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
+  // Float products are exact in float64; eight fixed accumulators give the same sum on every ISA.
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
+  }
+  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+VIREID_MULTIVERSION(dot_exact)
+
+// Exact keys (smaller is better) of candidates `idx` for query row x_i.
+template <typename T>
+VIREID_ALWAYS_INLINE void exact_keys_body(const float* xi, double nx2, const float* y, const double* ny2, int64_t d,
+                                          bool l2, const int32_t* idx, int64_t n, double* key) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double s = dot_exact_body<T>(xi, y + static_cast<int64_t>(idx[c]) * d, d);
+    key[c] = l2 ? nx2 + ny2[idx[c]] - 2.0 * s : -s;
+  }
+}
+VIREID_MULTIVERSION(exact_keys)
+
+struct Exact {
+  double key;
+  int32_t index;
+  bool operator<(const Exact& o) const { return key < o.key || (key == o.key && index < o.index); }
+};
+
+// Writes the k best of `pool` (exact keys) to the output row.
+void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_t* inds) {
+  std::partial_sort(pool.begin(), pool.begin() + k, pool.end());
+  for (int64_t t = 0; t < k; ++t) {
+    const double key = pool[t].key;
+    vals[t] = static_cast<float>(l2 ? std::max(key, 0.0) : -key);
+    inds[t] = pool[t].index;
+  }
+}
+
+double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
+                                           c10::string_view metric_sv, c10::string_view precision_sv) {
+  const std::string metric(metric_sv), precision(precision_sv);
+  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2, "vireid::knn: x and y must be 2-D, got ", x_in.sizes(), " and ",
+              y_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat,
+              "vireid::knn: x and y must be float32");
+  TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
+  TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
+  TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
+  const int64_t N = x_in.size(0), M = y_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(M > 0 && d > 0, "vireid::knn: y must be non-empty");
+  TORCH_CHECK(k >= 1 && k <= M, "vireid::knn: k must be in [1, M=", M, "], got ", k);
+  TORCH_CHECK(M < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 database rows");
+  const bool l2 = metric == "l2";
+  const bool bf16 = precision == "bf16";
+  const bool self = x_in.is_same(y_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = self ? x : y_in.contiguous();
+  at::Tensor values = at::empty({N, k}, x.options());
+  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+
+  // ---- norms and the error bound of the approximate scores ----
+  std::vector<double> nx2(N), ny2(M);
+  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) nx2[i] = row_sq_norm(xp + i * d, d);
+  });
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) ny2[j] = row_sq_norm(yp + j * d, d);
+  });
+  double ny_max = 0, ny2_max = 0;
+  for (int64_t j = 0; j < M; ++j) ny2_max = std::max(ny2_max, ny2[j]);
+  ny_max = std::sqrt(ny2_max);
+  const double u32 = std::ldexp(1.0, -24);
+  const double gamma = (d + 2) * u32 / (1.0 - (d + 2) * u32);  // accumulation error factor of any fp32 summation
+  at::Tensor xa, ya;                                           // the GEMM operands
+  std::vector<double> bound(N);                                // absolute part of delta_i
+  double rel = 0.0;                                            // relative part (of |approximate score|)
+  if (bf16) {
+    xa = x.to(at::kBFloat16);
+    ya = self ? xa : y.to(at::kBFloat16);
+    // |x~.y~ - x.y| <= ||x - x~|| ||y|| + ||x~|| ||y - y~||, plus fp32 accumulation, plus the bf16 rounding of the
+    // GEMM output (relative 2^-8 of the exact accumulated value).
+    auto norms = [&](const at::Tensor& full, const at::Tensor& low, std::vector<double>& nlow, std::vector<double>& nerr) {
+      const at::Tensor lowf = low.to(at::kFloat);
+      const at::Tensor err = full - lowf;  // exact: the rounding residual fits in float32
+      const int64_t R = full.size(0);
+      nlow.resize(R);
+      nerr.resize(R);
+      const float* lp = lowf.data_ptr<float>();
+      const float* ep = err.data_ptr<float>();
+      at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          nlow[r] = std::sqrt(row_sq_norm(lp + r * d, d));
+          nerr[r] = std::sqrt(row_sq_norm(ep + r * d, d));
+        }
+      });
+    };
+    std::vector<double> nxa, nxe, nya, nye;
+    norms(x, xa, nxa, nxe);
+    if (self) {
+      nya = nxa;
+      nye = nxe;
+    } else {
+      norms(y, ya, nya, nye);
+    }
+    const double nya_max = *std::max_element(nya.begin(), nya.end());
+    const double nye_max = *std::max_element(nye.begin(), nye.end());
+    const double ub = std::ldexp(1.0, -8);
+    rel = ub / (1.0 - ub);
+    for (int64_t i = 0; i < N; ++i)
+      bound[i] = gamma * nxa[i] * nya_max * (1.0 + rel) + nxe[i] * ny_max + nxa[i] * nye_max;
+  } else {
+    xa = x;
+    ya = y;
+    // If matmuls may run in reduced precision (torch.set_float32_matmul_precision), bound them like bf16 inputs.
+    const bool reduced = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+    const double input_err = reduced ? 2.0 * std::ldexp(1.0, -8) : 0.0;
+    for (int64_t i = 0; i < N; ++i) bound[i] = (gamma + input_err) * std::sqrt(nx2[i]) * ny_max;
+  }
+  // The l2 score dot - ||y||^2/2 is formed in float: two more roundings.
+  std::vector<float> nyh(M, 0.0f);
+  if (l2) {
+    for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
+    for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
+  }
+  const double safety = 1.25;  // covers the rounding of the norms above
+  for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
+  rel *= safety;
+
+  // ---- tiled candidate search ----
+  const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
+  std::vector<Cand> heaps(static_cast<size_t>(N) * C);
+  std::vector<int64_t> sizes(N, 0);
+  auto merge_row = [&](int64_t i, const float* s_row, const c10::BFloat16* s_row_b, int64_t j0, int64_t ncols) {
+    Cand* h = heaps.data() + i * C;
+    int64_t n = sizes[i];
+    for (int64_t c = 0; c < ncols; ++c) {
+      const int32_t j = static_cast<int32_t>(j0 + c);
+      float s = s_row ? s_row[c] : static_cast<float>(s_row_b[c]);
+      if (l2) s -= nyh[j];
+      if (n < C) {
+        h[n++] = {s, j};
+        std::push_heap(h, h + n, WorstFirst());
+      } else if (ranks_before(s, j, h[0].score, h[0].index)) {
+        std::pop_heap(h, h + n, WorstFirst());
+        h[n - 1] = {s, j};
+        std::push_heap(h, h + n, WorstFirst());
+      }
+    }
+    sizes[i] = n;
+  };
+  for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
+    const int64_t i1 = std::min(N, i0 + kTileRows);
+    const at::Tensor xb = xa.slice(0, i0, i1);
+    for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
+      const int64_t j1 = std::min(M, j0 + kTileCols);
+      at::Tensor tile = at::mm(xb, ya.slice(0, j0, j1).t()).contiguous();
+      const int64_t nc = j1 - j0;
+      at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          if (bf16)
+            merge_row(i, nullptr, tile.data_ptr<c10::BFloat16>() + (i - i0) * nc, j0, nc);
+          else
+            merge_row(i, tile.data_ptr<float>() + (i - i0) * nc, nullptr, j0, nc);
+        }
+      });
+      // Symmetric search: the same tile, transposed, serves rows j0..j1 against columns i0..i1.
+      if (self && j0 > i0) {
+        const at::Tensor tt = tile.t().contiguous();
+        const int64_t nr = i1 - i0;
+        at::parallel_for(j0, j1, 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            if (bf16)
+              merge_row(i, nullptr, tt.data_ptr<c10::BFloat16>() + (i - j0) * nr, i0, nr);
+            else
+              merge_row(i, tt.data_ptr<float>() + (i - j0) * nr, nullptr, i0, nr);
+          }
+        });
+      }
+    }
+  }
+
+  // ---- exact re-score of the candidates that can still be in the top k ----
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  std::vector<char> overflow(N, 0);
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
+    std::vector<double> lower(C);
+    std::vector<int32_t> idx;
+    std::vector<double> keys;
+    std::vector<Exact> pool;
+    for (int64_t i = b; i < e; ++i) {
+      Cand* h = heaps.data() + i * C;
+      const int64_t n = sizes[i];
+      auto delta = [&](float s) { return bound[i] + rel * std::fabs(static_cast<double>(s)); };
+      // L = k-th largest lower bound: the exact k-th best score is at least L.
+      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c].score);
+      std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
+      const double L = lower[k - 1];
+      // Not kept rows scored at most the worst kept one (h[0]); its upper bound must stay below L.
+      if (n == C && C < M && static_cast<double>(h[0].score) + delta(h[0].score) >= L) {
+        overflow[i] = 1;
+        continue;
+      }
+      idx.clear();
+      for (int64_t c = 0; c < n; ++c)
+        if (static_cast<double>(h[c].score) + delta(h[c].score) >= L) idx.push_back(h[c].index);
+      keys.resize(idx.size());
+      exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, idx.data(), static_cast<int64_t>(idx.size()),
+                        keys.data());
+      pool.resize(idx.size());
+      for (size_t c = 0; c < idx.size(); ++c) pool[c] = {keys[c], idx[c]};
+      write_row(pool, k, l2, vp + i * k, ip + i * k);
+    }
+  });
+  // Rows whose candidate margin was too thin (near-ties beyond C): exact scan over all of y.
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < N; ++i)
+    if (overflow[i]) redo.push_back(i);
+  if (!redo.empty()) {
+    std::vector<int32_t> all(M);
+    for (int64_t j = 0; j < M; ++j) all[j] = static_cast<int32_t>(j);
+    at::parallel_for(0, static_cast<int64_t>(redo.size()), 1, [&](int64_t b, int64_t e) {
+      std::vector<double> keys(M);
+      std::vector<Exact> pool(M);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t i = redo[r];
+        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, all.data(), M, keys.data());
+        for (int64_t j = 0; j < M; ++j) pool[j] = {keys[j], static_cast<int32_t>(j)};
+        write_row(pool, k, l2, vp + i * k, ip + i * k);
+      }
+    });
+  }
+  return {values, indices};
+}
+
+}  // namespace
+}  // namespace vireid
+
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("knn", &vireid::knn_cpu); }
