@@ -14,6 +14,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -81,31 +84,14 @@ void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_
 
 double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
 
-std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
-                                           c10::string_view metric_sv, c10::string_view precision_sv) {
-  const std::string metric(metric_sv), precision(precision_sv);
-  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2, "vireid::knn: x and y must be 2-D, got ", x_in.sizes(), " and ",
-              y_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat,
-              "vireid::knn: x and y must be float32");
-  TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
-  TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
-  TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
-  const int64_t N = x_in.size(0), M = y_in.size(0), d = x_in.size(1);
-  TORCH_CHECK(M > 0 && d > 0, "vireid::knn: y must be non-empty");
-  TORCH_CHECK(k >= 1 && k <= M, "vireid::knn: k must be in [1, M=", M, "], got ", k);
-  TORCH_CHECK(M < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 database rows");
-  const bool l2 = metric == "l2";
-  const bool bf16 = precision == "bf16";
-  const bool self = x_in.is_same(y_in);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = self ? x : y_in.contiguous();
-  at::Tensor values = at::empty({N, k}, x.options());
-  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
-  if (N == 0) return {values, indices};
+// Searches every row of x against y, writing the exact top-k to vp/ip (row-major, k per row). Rows whose candidate
+// margin is too thin are either redone here by an exact scan (bf16 == false) or returned for an fp32 pass.
+std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t k, bool l2, bool bf16, bool self,
+                              float* vp, int64_t* ip) {
+  const int64_t N = x.size(0), M = y.size(0), d = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-
+  auto t_start0 = std::chrono::steady_clock::now();
   // ---- norms and the error bound of the approximate scores ----
   std::vector<double> nx2(N), ny2(M);
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
@@ -174,6 +160,11 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
   rel *= safety;
 
+  const bool debug = std::getenv("VIREID_KNN_DEBUG") != nullptr;
+  auto now = [] { return std::chrono::steady_clock::now(); };
+  auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+  auto t_start = now();
+  double t_gemm = 0, t_merge = 0;
   // ---- tiled candidate search ----
   const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
   std::vector<Cand> heaps(static_cast<size_t>(N) * C);
@@ -201,7 +192,10 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
     const at::Tensor xb = xa.slice(0, i0, i1);
     for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
       const int64_t j1 = std::min(M, j0 + kTileCols);
+      auto t0 = now();
       at::Tensor tile = at::mm(xb, ya.slice(0, j0, j1).t()).contiguous();
+      auto t1 = now();
+      t_gemm += secs(t0, t1);
       const int64_t nc = j1 - j0;
       at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
@@ -224,12 +218,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
           }
         });
       }
+      t_merge += secs(t1, now());
     }
   }
+  auto t_search = now();
 
   // ---- exact re-score of the candidates that can still be in the top k ----
-  float* vp = values.data_ptr<float>();
-  int64_t* ip = indices.data_ptr<int64_t>();
   std::vector<char> overflow(N, 0);
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     std::vector<double> lower(C);
@@ -264,6 +258,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   std::vector<int64_t> redo;
   for (int64_t i = 0; i < N; ++i)
     if (overflow[i]) redo.push_back(i);
+  if (std::getenv("VIREID_KNN_DEBUG")) {
+    int64_t total = 0;
+    fprintf(stderr, "knn: C=%ld overflow rows=%ld prep %.3f gemm %.3f merge %.3f rescore %.3f\n", (long)C,
+            (long)redo.size(), secs(t_start0, t_start), t_gemm, t_merge, secs(t_search, now()));
+    (void)total;
+  }
+  if (bf16) return redo;
   if (!redo.empty()) {
     std::vector<int32_t> all(M);
     for (int64_t j = 0; j < M; ++j) all[j] = static_cast<int32_t>(j);
@@ -277,6 +278,46 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
         write_row(pool, k, l2, vp + i * k, ip + i * k);
       }
     });
+  }
+  return {};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
+                                           c10::string_view metric_sv, c10::string_view precision_sv) {
+  const std::string metric(metric_sv), precision(precision_sv);
+  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2, "vireid::knn: x and y must be 2-D, got ", x_in.sizes(), " and ",
+              y_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat,
+              "vireid::knn: x and y must be float32");
+  TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
+  TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
+  TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
+  const int64_t N = x_in.size(0), M = y_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(M > 0 && d > 0, "vireid::knn: y must be non-empty");
+  TORCH_CHECK(k >= 1 && k <= M, "vireid::knn: k must be in [1, M=", M, "], got ", k);
+  TORCH_CHECK(M < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 database rows");
+  const bool l2 = metric == "l2";
+  const bool self = x_in.is_same(y_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = self ? x : y_in.contiguous();
+  at::Tensor values = at::empty({N, k}, x.options());
+  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  const std::vector<int64_t> redo = knn_impl(x, y, k, l2, precision == "bf16", self, vp, ip);
+  if (!redo.empty()) {
+    // bf16 margins too thin for these rows: an fp32 candidate pass over them (same exact result).
+    const int64_t R = static_cast<int64_t>(redo.size());
+    const at::Tensor rows = at::from_blob(const_cast<int64_t*>(redo.data()), {R}, at::kLong).clone();
+    const at::Tensor xr = x.index_select(0, rows).contiguous();
+    std::vector<float> rv(R * k);
+    std::vector<int64_t> ri(R * k);
+    knn_impl(xr, y, k, l2, false, false, rv.data(), ri.data());
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(rv.begin() + r * k, rv.begin() + (r + 1) * k, vp + redo[r] * k);
+      std::copy(ri.begin() + r * k, ri.begin() + (r + 1) * k, ip + redo[r] * k);
+    }
   }
   return {values, indices};
 }
