@@ -134,16 +134,13 @@ def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, 
 
     # Step 6: s_ij = sum_c min(V_ic, V_jc); distance 1 - s / (2 - s), clamped at 0. Pairs sharing no column are 1.
     crow, cols, vals = [0], [], []
-    support = v > 0
     for i in range(n):
-        shared = (support[i][None, :] & support).any(1)
-        js = torch.nonzero(shared).flatten()
-        s = torch.minimum(v[i][None, :], v[js]).sum(1)
+        s = torch.minimum(v[i][None, :], v).sum(1)
         dist = (1.0 - s / (2.0 - s)).clamp_min(0.0).float()
-        keep = dist < 1.0
-        cols.append(js[keep])
+        keep = torch.nonzero(dist < 1.0).flatten()
+        cols.append(keep)
         vals.append(dist[keep])
-        crow.append(crow[-1] + int(keep.sum()))
+        crow.append(crow[-1] + keep.numel())
     return (torch.tensor(crow, dtype=torch.int64), torch.cat(cols).to(torch.int64),
             torch.cat(vals).to(torch.float32))
 
