@@ -29,6 +29,28 @@ namespace {
 constexpr int64_t kTileRows = 1024;
 constexpr int64_t kTileCols = 1024;
 
+constexpr int64_t kChunk = 16;
+
+VIREID_ALWAYS_INLINE float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+VIREID_ALWAYS_INLINE float load_score(float v) { return v; }
+VIREID_ALWAYS_INLINE float load_score(uint16_t v) { return bf16_to_float(v); }
+
+const uint16_t* bf16_rows(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+
+// Whether any score (minus sub) of the chunk is >= thr.
+template <typename T>
+VIREID_ALWAYS_INLINE bool chunk_any_body(const T* s, const float* sub, int64_t n, float thr) {
+  int any = 0;
+  for (int64_t c = 0; c < n; ++c) any |= (load_score(s[c]) - sub[c]) >= thr;
+  return any != 0;
+}
+VIREID_MULTIVERSION(chunk_any)
+
 struct Cand {
   float score;  // approximate score, larger is better (l2: dot - ||y||^2 / 2)
   int32_t index;
@@ -37,8 +59,7 @@ struct Cand {
 // a ranks before b: larger score, then lower index.
 inline bool ranks_before(float sa, int32_t ia, float sb, int32_t ib) { return sa > sb || (sa == sb && ia < ib); }
 
-// Min-heap on rank: the top is the worst kept candidate.
-struct WorstFirst {
+struct BestFirst {
   bool operator()(const Cand& a, const Cand& b) const { return ranks_before(a.score, a.index, b.score, b.index); }
 };
 
@@ -151,7 +172,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     for (int64_t i = 0; i < N; ++i) bound[i] = (gamma + input_err) * std::sqrt(nx2[i]) * ny_max;
   }
   // The l2 score dot - ||y||^2/2 is formed in float: two more roundings.
-  std::vector<float> nyh(M, 0.0f);
+  std::vector<float> nyh(M, 0.0f);  // ip: zeros
   if (l2) {
     for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
     for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
@@ -167,25 +188,38 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   double t_gemm = 0, t_merge = 0;
   // ---- tiled candidate search ----
   const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
-  std::vector<Cand> heaps(static_cast<size_t>(N) * C);
+  const int64_t cap = 2 * C + kChunk;  // the buffer is cut back to C once it holds more than 2C
+  std::vector<Cand> heaps(static_cast<size_t>(N) * cap);
   std::vector<int64_t> sizes(N, 0);
-  auto merge_row = [&](int64_t i, const float* s_row, const c10::BFloat16* s_row_b, int64_t j0, int64_t ncols) {
-    Cand* h = heaps.data() + i * C;
+  // Before the first cut every score enters: the cut starts as the worst possible entry.
+  std::vector<Cand> cuts(N, Cand{-std::numeric_limits<float>::infinity(), std::numeric_limits<int32_t>::max()});
+  // Merge one row of scores (columns j0..j0+ncols) into row i's candidates: an unsorted buffer of up to 2C entries,
+  // cut back to the best C (nth_element) when full; `cut` is the C-th best at the last cut. A vectorised check per
+  // chunk skips the chunks holding no score that can enter, which is nearly all of them after the first tiles.
+  auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols) {
+    Cand* h = heaps.data() + i * cap;
     int64_t n = sizes[i];
-    for (int64_t c = 0; c < ncols; ++c) {
-      const int32_t j = static_cast<int32_t>(j0 + c);
-      float s = s_row ? s_row[c] : static_cast<float>(s_row_b[c]);
-      if (l2) s -= nyh[j];
-      if (n < C) {
-        h[n++] = {s, j};
-        std::push_heap(h, h + n, WorstFirst());
-      } else if (ranks_before(s, j, h[0].score, h[0].index)) {
-        std::pop_heap(h, h + n, WorstFirst());
-        h[n - 1] = {s, j};
-        std::push_heap(h, h + n, WorstFirst());
+    Cand cut = cuts[i];
+    const float* sub = nyh.data() + j0;
+    for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
+      const int64_t c1 = std::min(ncols, c0 + kChunk);
+      const bool any = s_row ? chunk_any<float>(s_row + c0, sub + c0, c1 - c0, cut.score)
+                             : chunk_any<uint16_t>(s_row_b + c0, sub + c0, c1 - c0, cut.score);
+      if (!any) continue;
+      // Branch-free append of the scores >= the cut (those ranking after it are dropped at the next cut anyway).
+      if (n > 2 * C) {
+        std::nth_element(h, h + (C - 1), h + n, BestFirst());
+        cut = h[C - 1];
+        n = C;
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const float s = (s_row ? s_row[c] : bf16_to_float(s_row_b[c])) - sub[c];
+        h[n] = {s, static_cast<int32_t>(j0 + c)};
+        n += s >= cut.score;
       }
     }
     sizes[i] = n;
+    cuts[i] = cut;
   };
   for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
     const int64_t i1 = std::min(N, i0 + kTileRows);
@@ -200,7 +234,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           if (bf16)
-            merge_row(i, nullptr, tile.data_ptr<c10::BFloat16>() + (i - i0) * nc, j0, nc);
+            merge_row(i, nullptr, bf16_rows(tile) + (i - i0) * nc, j0, nc);
           else
             merge_row(i, tile.data_ptr<float>() + (i - i0) * nc, nullptr, j0, nc);
         }
@@ -212,7 +246,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
         at::parallel_for(j0, j1, 16, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
             if (bf16)
-              merge_row(i, nullptr, tt.data_ptr<c10::BFloat16>() + (i - j0) * nr, i0, nr);
+              merge_row(i, nullptr, bf16_rows(tt) + (i - j0) * nr, i0, nr);
             else
               merge_row(i, tt.data_ptr<float>() + (i - j0) * nr, nullptr, i0, nr);
           }
@@ -231,15 +265,23 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     std::vector<double> keys;
     std::vector<Exact> pool;
     for (int64_t i = b; i < e; ++i) {
-      Cand* h = heaps.data() + i * C;
-      const int64_t n = sizes[i];
+      Cand* h = heaps.data() + i * cap;
+      int64_t n = sizes[i];
+      const bool dropped = n > C || cuts[i].index != std::numeric_limits<int32_t>::max();
+      if (n > C) {
+        std::nth_element(h, h + (C - 1), h + n, BestFirst());
+        n = C;
+      }
+      Cand worst = h[0];
+      for (int64_t c = 1; c < n; ++c)
+        if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
       auto delta = [&](float s) { return bound[i] + rel * std::fabs(static_cast<double>(s)); };
       // L = k-th largest lower bound: the exact k-th best score is at least L.
       for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c].score);
       std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
       const double L = lower[k - 1];
-      // Not kept rows scored at most the worst kept one (h[0]); its upper bound must stay below L.
-      if (n == C && C < M && static_cast<double>(h[0].score) + delta(h[0].score) >= L) {
+      // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
+      if (dropped && static_cast<double>(worst.score) + delta(worst.score) >= L) {
         overflow[i] = 1;
         continue;
       }
