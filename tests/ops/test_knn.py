@@ -131,3 +131,24 @@ def test_torch_compile_fullgraph():
     ref_vals, ref_idx = brute_force(x, x, 5, "ip")
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
     np.testing.assert_allclose(vals.numpy(), 2 * ref_vals, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_triton_kernel_under_interpreter(backend, metric):
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(21, 24, generator=gen)
+    y = torch.randn(45, 24, generator=gen)
+    backend("triton")
+    vals, idx = knn(x, 3, y, metric=metric)
+    ref_vals, ref_idx = brute_force(x, y, 3, metric)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_allclose(vals.numpy(), ref_vals, rtol=1e-6, atol=1e-6)
+    # Self search with exact ties (duplicated integer rows), the candidate margin and the exact fallback.
+    base = torch.randint(-2, 3, (5, 8), generator=gen).float()
+    z = base[torch.randint(0, 5, (40,), generator=gen)]
+    vals, idx = knn(z, 4, metric=metric)
+    ref_vals, ref_idx = brute_force(z, z, 4, metric)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_array_equal(vals.numpy(), ref_vals.astype(np.float32))
