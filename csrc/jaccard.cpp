@@ -98,7 +98,9 @@ void reciprocal_sets(const int64_t* rank, int64_t n, int64_t k1, int64_t k, std:
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at::Tensor& features_in,
-                                                                       const at::Tensor& rank_in, int64_t k2,
+                                                                       const at::Tensor& rank_in,
+                                                                       const c10::optional<at::Tensor>& rank_sim_in,
+                                                                       int64_t k2,
                                                                        const c10::optional<at::Tensor>& modality_in) {
   TORCH_CHECK(features_in.dim() == 2 && features_in.scalar_type() == at::kFloat,
               "vireid::kreciprocal_jaccard: features must be (N, d) float32");
@@ -124,6 +126,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     modality = modality_t.data_ptr<int64_t>();
   }
 
+  const float* rank_sim = nullptr;
+  at::Tensor rank_sim_t;
+  if (rank_sim_in.has_value()) {
+    rank_sim_t = rank_sim_in->contiguous();
+    TORCH_CHECK(rank_sim_t.sizes() == rank_t.sizes() && rank_sim_t.scalar_type() == at::kFloat,
+                "vireid::kreciprocal_jaccard: rank_sim must be (N, k1) float32 like initial_rank");
+    rank_sim = rank_sim_t.data_ptr<float>();
+  }
+
   // Step 2: k-reciprocal sets for k1 and round_half_even(k1 / 2).
   const int64_t kh = static_cast<int64_t>(std::nearbyint(static_cast<double>(k1) / 2.0));
   std::vector<int32_t> a_sets, a_cnt, h_sets, h_cnt;
@@ -134,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   // Steps 3-4: expansion and softmax encoding, one sorted sparse row of V per feature.
   const int max_threads = at::get_num_threads();
   std::vector<std::vector<char>> marks(max_threads, std::vector<char>(n, 0));
+  std::vector<std::vector<int32_t>> slots(max_threads, std::vector<int32_t>(rank_sim ? n : 0, 0));
   const Csr v = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
     std::vector<char>& mark = marks[at::get_thread_num()];
     const int32_t* a_i = a_sets.data() + i * a_w;
@@ -151,13 +163,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     for (int32_t t = 0; t < na; ++t) mark[a_i[t]] = 0;
     std::sort(cols.begin(), cols.end());
     cols.erase(std::unique(cols.begin(), cols.end()), cols.end());
-    // softmax over j of -(2 - 2 f_i.f_j), shifted by its maximum.
+    // softmax over j of -(2 - 2 f_i.f_j), shifted by its maximum; f_i.f_j comes from rank_sim for j in R[i].
     vals.resize(cols.size());
+    std::vector<int32_t>& where = slots[at::get_thread_num()];
+    if (rank_sim)
+      for (int64_t t = 0; t < k1; ++t) where[rank[i * k1 + t]] = static_cast<int32_t>(t + 1);
     double mx = -std::numeric_limits<double>::infinity();
     for (size_t t = 0; t < cols.size(); ++t) {
-      vals[t] = -(2.0 - 2.0 * dot_f64<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d));
+      const int32_t slot = rank_sim ? where[cols[t]] : 0;
+      const double sim = slot ? static_cast<double>(rank_sim[i * k1 + slot - 1])
+                              : dot_f64<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
+      vals[t] = -(2.0 - 2.0 * sim);
       mx = std::max(mx, vals[t]);
     }
+    if (rank_sim)
+      for (int64_t t = 0; t < k1; ++t) where[rank[i * k1 + t]] = 0;
     double total = 0.0;
     for (double& x : vals) {
       x = std::exp(x - mx);

@@ -63,11 +63,12 @@ def test_golden_reference(golden, backend):
 ])
 def test_cpp_matches_reference(n, d, ids, k1, k2):
     feats = clustered(n, d, ids, seed=n + k1)
-    _, rank = knn(feats, k1, metric="l2")
-    got = torch.ops.vireid.kreciprocal_jaccard(feats, rank, k2, None)
-    ref = kreciprocal_jaccard_ref(feats, rank, k2, None)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=1e-6)
+    sim, rank = knn(feats, k1, metric="ip")
+    for rank_sim in (None, sim):
+        got = torch.ops.vireid.kreciprocal_jaccard(feats, rank, rank_sim, k2, None)
+        ref = kreciprocal_jaccard_ref(feats, rank, rank_sim, k2, None)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        torch.testing.assert_close(got[2], ref[2], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("k2", [1, 3, 6])
@@ -76,12 +77,12 @@ def test_modality_invariant_matches_reference(k2):
     feats = clustered(n, 16, 8, seed=k2)
     modality = (torch.arange(n) % 3 == 0).long()
     modality[:7] = 1  # some rows see one modality only among their k2 neighbours
-    _, rank = knn(feats, 12, metric="l2")
-    got = torch.ops.vireid.kreciprocal_jaccard(feats, rank, k2, modality)
-    ref = kreciprocal_jaccard_ref(feats, rank, k2, modality)
+    sim, rank = knn(feats, 12, metric="ip")
+    got = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, k2, modality)
+    ref = kreciprocal_jaccard_ref(feats, rank, sim, k2, modality)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     torch.testing.assert_close(got[2], ref[2], rtol=0, atol=1e-6)
-    plain = torch.ops.vireid.kreciprocal_jaccard(feats, rank, k2, None)
+    plain = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, k2, None)
     if k2 == 1:  # no query expansion: modality plays no role
         assert torch.equal(plain[2], got[2])
     else:
@@ -125,7 +126,7 @@ def test_bad_inputs(kwargs, error):
 
 def test_opcheck():
     feats = clustered(40, 8, 4, seed=1)
-    _, rank = knn(feats, 6, metric="l2")
-    torch.library.opcheck(torch.ops.vireid.kreciprocal_jaccard.default, (feats, rank, 3, None))
+    sim, rank = knn(feats, 6, metric="ip")
+    torch.library.opcheck(torch.ops.vireid.kreciprocal_jaccard.default, (feats, rank, None, 3, None))
     torch.library.opcheck(torch.ops.vireid.kreciprocal_jaccard.default,
-                          (feats, rank, 3, (torch.arange(40) % 2).long()))
+                          (feats, rank, sim, 3, (torch.arange(40) % 2).long()))

@@ -18,7 +18,7 @@ from .reference import kreciprocal_jaccard_ref
 __all__ = ["csr_to_dense", "kreciprocal_jaccard", "kreciprocal_jaccard_ref"]
 
 
-def _jaccard_fake(features, initial_rank, k2, modality):
+def _jaccard_fake(features, initial_rank, rank_sim, k2, modality):
     n = features.shape[0]
     nnz = torch.library.get_ctx().new_dynamic_size()
     return (features.new_empty((n + 1,), dtype=torch.int64), features.new_empty((nnz,), dtype=torch.int64),
@@ -72,14 +72,15 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
         mod = modality.to(device=feats.device, dtype=torch.int64).contiguous()
         if not tracing() and not bool(((mod == 0) | (mod == 1)).all()):
             raise ValueError("modality must hold only 0 (visible) and 1 (infrared)")
-    _, rank = knn(feats, k1, metric="l2", precision=precision)
+    # Nearest by inner product (the spec's order for L2-normalised features); the products are reused in step 4.
+    sim, rank = knn(feats, k1, metric="ip", precision=precision)
     backend = _registry.choose_backend("kreciprocal_jaccard", feats.device)
     if backend == "reference":
-        crow, col, values = kreciprocal_jaccard_ref(feats, rank, k2, mod)
+        crow, col, values = kreciprocal_jaccard_ref(feats, rank, sim, k2, mod)
     elif backend == "triton" and feats.device.type == "cpu":
-        crow, col, values = _registry.triton_module("kreciprocal_jaccard").launch(feats, rank, k2, mod)
+        crow, col, values = _registry.triton_module("kreciprocal_jaccard").launch(feats, rank, sim, k2, mod)
     else:
-        crow, col, values = torch.ops.vireid.kreciprocal_jaccard(feats, rank, k2, mod)
+        crow, col, values = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, k2, mod)
     if sparse:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")

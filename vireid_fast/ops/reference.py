@@ -85,13 +85,15 @@ def _kreciprocal_sets(initial_rank: list[list[int]], k: int) -> list[list[int]]:
     return out
 
 
-def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, k2: int,
+def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, rank_sim: torch.Tensor | None, k2: int,
                             modality: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k-reciprocal Jaccard distance (cluster-contrast ``compute_jaccard_distance``), in CSR form.
 
     Args:
         features: (N, d) float32, L2-normalised.
         initial_rank: (N, k1) int64, R[i] = the k1 nearest rows of ``features`` to row i, nearest first.
+        rank_sim: None or (N, k1) float32, ``f_i . f_R[i][t]`` (the kNN's inner products), used instead of
+            recomputing those products in step 4.
         k2: query-expansion size, 1 <= k2 <= k1 (1 = no expansion).
         modality: None or (N,) int64 of 0/1; if given, PCLHD's modality-invariant query expansion.
     Returns:
@@ -115,7 +117,11 @@ def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, 
             if len(set(h_c) & set(a_i)) > 2 / 3 * len(h_c):
                 expansion += h_c
         members = sorted(set(expansion))
-        dist = 2.0 - 2.0 * (feats[members] @ feats[i])
+        sims = feats[members] @ feats[i]
+        if rank_sim is not None:
+            known = {j: float(s) for j, s in zip(rank[i], rank_sim[i].tolist(), strict=True)}
+            sims = torch.tensor([known.get(j, float(sims[t])) for t, j in enumerate(members)], dtype=torch.float64)
+        dist = 2.0 - 2.0 * sims
         v[i, members] = torch.softmax(-dist, dim=0)
 
     # Step 5: query expansion over R[i][:k2] (i itself included as R[i][0]).
