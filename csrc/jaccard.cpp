@@ -7,6 +7,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <vector>
 
@@ -135,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     rank_sim = rank_sim_t.data_ptr<float>();
   }
 
+  const auto t0 = std::chrono::steady_clock::now();
   // Step 2: k-reciprocal sets for k1 and round_half_even(k1 / 2).
   const int64_t kh = static_cast<int64_t>(std::nearbyint(static_cast<double>(k1) / 2.0));
   std::vector<int32_t> a_sets, a_cnt, h_sets, h_cnt;
@@ -142,6 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   reciprocal_sets(rank, n, k1, kh, h_sets, h_cnt);
   const int64_t a_w = std::min(k1 + 1, k1), h_w = std::min(kh + 1, k1);
 
+  const auto t1 = std::chrono::steady_clock::now();
   // Steps 3-4: expansion and softmax encoding, one sorted sparse row of V per feature.
   const int max_threads = at::get_num_threads();
   std::vector<std::vector<char>> marks(max_threads, std::vector<char>(n, 0));
@@ -151,18 +156,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     const int32_t* a_i = a_sets.data() + i * a_w;
     const int32_t na = a_cnt[i];
     for (int32_t t = 0; t < na; ++t) mark[a_i[t]] = 1;
+    // mark: 1 = in A_i, 2 = added by the expansion (so the union stays duplicate-free without a sort of all).
     cols.assign(a_i, a_i + na);
     for (int32_t t = 0; t < na; ++t) {
       const int32_t c = a_i[t];
       const int32_t* h_c = h_sets.data() + c * h_w;
       const int32_t nh = h_cnt[c];
       int32_t common = 0;
-      for (int32_t s = 0; s < nh; ++s) common += mark[h_c[s]];
-      if (static_cast<double>(common) > 2.0 / 3.0 * static_cast<double>(nh)) cols.insert(cols.end(), h_c, h_c + nh);
+      for (int32_t s = 0; s < nh; ++s) common += mark[h_c[s]] == 1;
+      if (static_cast<double>(common) > 2.0 / 3.0 * static_cast<double>(nh)) {
+        for (int32_t s = 0; s < nh; ++s) {
+          if (!mark[h_c[s]]) {
+            mark[h_c[s]] = 2;
+            cols.push_back(h_c[s]);
+          }
+        }
+      }
     }
-    for (int32_t t = 0; t < na; ++t) mark[a_i[t]] = 0;
+    for (int32_t j : cols) mark[j] = 0;
     std::sort(cols.begin(), cols.end());
-    cols.erase(std::unique(cols.begin(), cols.end()), cols.end());
     // softmax over j of -(2 - 2 f_i.f_j), shifted by its maximum; f_i.f_j comes from rank_sim for j in R[i].
     vals.resize(cols.size());
     std::vector<int32_t>& where = slots[at::get_thread_num()];
@@ -186,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     for (double& x : vals) x /= total;
   });
 
+  const auto t2 = std::chrono::steady_clock::now();
   // Step 5: query expansion, the mean of V over R[i][:k2] (per modality, then across modalities, if given).
   std::vector<std::vector<double>> accs(max_threads, std::vector<double>(n, 0.0));
   const Csr vq_storage = k2 == 1 ? Csr() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
@@ -230,6 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   });
   const Csr& vq = k2 == 1 ? v : vq_storage;
 
+  const auto t3 = std::chrono::steady_clock::now();
   // Inverted index: for each column c, the rows having V[row, c] > 0, with the value.
   std::vector<int64_t> inv_ptr(n + 1, 0);
   for (int32_t c : vq.col) inv_ptr[c + 1]++;
@@ -247,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     }
   }
 
+  const auto t4 = std::chrono::steady_clock::now();
   // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i (ascending, so s_ij == s_ji bit for bit);
   // distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
   const Csr jac = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
@@ -278,6 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     }
   });
 
+  const auto t5 = std::chrono::steady_clock::now();
   const int64_t nnz = jac.ptr[n];
   at::Tensor crow = at::empty({n + 1}, rank_t.options());
   at::Tensor col = at::empty({nnz}, rank_t.options());
@@ -291,6 +307,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
       valp[p] = static_cast<float>(jac.val[p]);
     }
   });
+  if (std::getenv("VIREID_KNN_DEBUG")) {
+    auto sec = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+    fprintf(stderr, "jaccard: recip %.3f encode %.3f qe %.3f inv %.3f minsum %.3f\n", sec(t0, t1), sec(t1, t2),
+            sec(t2, t3), sec(t3, t4), sec(t4, t5));
+  }
   return {crow, col, values};
 }
 
