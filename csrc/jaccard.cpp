@@ -7,9 +7,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
 #include <cmath>
 #include <vector>
 
@@ -138,7 +135,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     rank_sim = rank_sim_t.data_ptr<float>();
   }
 
-  const auto t0 = std::chrono::steady_clock::now();
   // Step 2: k-reciprocal sets for k1 and round_half_even(k1 / 2).
   const int64_t kh = static_cast<int64_t>(std::nearbyint(static_cast<double>(k1) / 2.0));
   std::vector<int32_t> a_sets, a_cnt, h_sets, h_cnt;
@@ -146,7 +142,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   reciprocal_sets(rank, n, k1, kh, h_sets, h_cnt);
   const int64_t a_w = std::min(k1 + 1, k1), h_w = std::min(kh + 1, k1);
 
-  const auto t1 = std::chrono::steady_clock::now();
   // Steps 3-4: expansion and softmax encoding, one sorted sparse row of V per feature.
   const int max_threads = at::get_num_threads();
   std::vector<std::vector<char>> marks(max_threads, std::vector<char>(n, 0));
@@ -198,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     for (double& x : vals) x /= total;
   });
 
-  const auto t2 = std::chrono::steady_clock::now();
   // Step 5: query expansion, the mean of V over R[i][:k2] (per modality, then across modalities, if given).
   std::vector<std::vector<double>> accs(max_threads, std::vector<double>(n, 0.0));
   const Csr vq_storage = k2 == 1 ? Csr() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
@@ -243,7 +237,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   });
   const Csr& vq = k2 == 1 ? v : vq_storage;
 
-  const auto t3 = std::chrono::steady_clock::now();
   // Inverted index: for each column c, the rows having V[row, c] > 0, with the value.
   std::vector<int64_t> inv_ptr(n + 1, 0);
   for (int32_t c : vq.col) inv_ptr[c + 1]++;
@@ -261,7 +254,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     }
   }
 
-  const auto t4 = std::chrono::steady_clock::now();
   // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i (ascending, so s_ij == s_ji bit for bit);
   // distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
   const Csr jac = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
@@ -293,7 +285,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     }
   });
 
-  const auto t5 = std::chrono::steady_clock::now();
   const int64_t nnz = jac.ptr[n];
   at::Tensor crow = at::empty({n + 1}, rank_t.options());
   at::Tensor col = at::empty({nnz}, rank_t.options());
@@ -307,11 +298,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
       valp[p] = static_cast<float>(jac.val[p]);
     }
   });
-  if (std::getenv("VIREID_KNN_DEBUG")) {
-    auto sec = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
-    fprintf(stderr, "jaccard: recip %.3f encode %.3f qe %.3f inv %.3f minsum %.3f\n", sec(t0, t1), sec(t1, t2),
-            sec(t2, t3), sec(t3, t4), sec(t4, t5));
-  }
   return {crow, col, values};
 }
 

@@ -14,9 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -112,7 +111,6 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   const int64_t N = x.size(0), M = y.size(0), d = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
-  auto t_start0 = std::chrono::steady_clock::now();
   // ---- norms and the error bound of the approximate scores ----
   std::vector<double> nx2(N), ny2(M);
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
@@ -181,11 +179,6 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
   rel *= safety;
 
-  const bool debug = std::getenv("VIREID_KNN_DEBUG") != nullptr;
-  auto now = [] { return std::chrono::steady_clock::now(); };
-  auto secs = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
-  auto t_start = now();
-  double t_gemm = 0, t_merge = 0;
   // ---- tiled candidate search ----
   const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
   const int64_t cap = 2 * C + kChunk;  // the buffer is cut back to C once it holds more than 2C
@@ -226,10 +219,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     const at::Tensor xb = xa.slice(0, i0, i1);
     for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
       const int64_t j1 = std::min(M, j0 + kTileCols);
-      auto t0 = now();
       at::Tensor tile = at::mm(xb, ya.slice(0, j0, j1).t()).contiguous();
-      auto t1 = now();
-      t_gemm += secs(t0, t1);
       const int64_t nc = j1 - j0;
       at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
@@ -252,10 +242,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
           }
         });
       }
-      t_merge += secs(t1, now());
     }
   }
-  auto t_search = now();
 
   // ---- exact re-score of the candidates that can still be in the top k ----
   std::vector<char> overflow(N, 0);
@@ -300,12 +288,6 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   std::vector<int64_t> redo;
   for (int64_t i = 0; i < N; ++i)
     if (overflow[i]) redo.push_back(i);
-  if (std::getenv("VIREID_KNN_DEBUG")) {
-    int64_t total = 0;
-    fprintf(stderr, "knn: C=%ld overflow rows=%ld prep %.3f gemm %.3f merge %.3f rescore %.3f\n", (long)C,
-            (long)redo.size(), secs(t_start0, t_start), t_gemm, t_merge, secs(t_search, now()));
-    (void)total;
-  }
   if (bf16) return redo;
   if (!redo.empty()) {
     std::vector<int32_t> all(M);
