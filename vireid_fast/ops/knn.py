@@ -26,6 +26,17 @@ def _knn_fake(x, y, k, metric, precision):
 _registry.register("knn", reference=knn_ref, fake=_knn_fake)
 
 
+def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
+    # Large searches on CPUs with native bf16 dot products: the bf16 GEMM is ~3-4x faster, and rows whose candidate
+    # margin overflows only pay an extra fp32 pass over themselves (the result is exact either way).
+    if x.device.type != "cpu" or x.shape[0] * m * x.shape[1] < 2**30:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str = "ip",
         precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of every row of ``x`` among the rows of ``y`` (default ``x`` itself, the row included).
@@ -61,7 +72,7 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
     if y is not None:
         check_finite("y", yf)
     if precision == "auto":
-        precision = "fp32"  # see docs/clustering.md: bf16 candidates rarely pay off with exact margins
+        precision = "bf16" if _bf16_worthwhile(xf, m) else "fp32"
     backend = _registry.choose_backend("knn", xf.device)
     if backend == "reference":
         return knn_ref(xf, yf, k, metric, precision)
