@@ -194,9 +194,9 @@ def test_jaccard(benchmark, case, n):
     _bench(benchmark, case, n)
 
 
-def test_reference_small(benchmark):
-    _bench(benchmark, "reference", 1000)
-    _bench(benchmark, "ours_dense", 1000)
+@pytest.mark.parametrize("case", ["reference", "ours_dense"])
+def test_reference_small(benchmark, case):
+    _bench(benchmark, case, 1000)
 
 
 @pytest.mark.parametrize("case", ["dbscan_ours", "dbscan_sklearn"])
