@@ -90,6 +90,17 @@ at::Tensor dbscan_csr_cpu(const at::Tensor& crow_in, const at::Tensor& col_in, c
     TORCH_CHECK(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
                 "vireid::dbscan_csr: column indices must be in [0, N)");
   }
+  {
+    // Duplicate entries would count a neighbour twice; sklearn's dense matrix cannot hold them.
+    std::vector<int64_t> seen_in_row(n, -1);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t p = rp[i]; p < rp[i + 1]; ++p) {
+        TORCH_CHECK_VALUE(seen_in_row[cp[p]] != i, "dbscan: dist has duplicate entries in row ", i, " (column ", cp[p],
+                          "); coalesce the sparse matrix first");
+        seen_in_row[cp[p]] = i;
+      }
+    }
+  }
   // Compare in float32 when the values are float32 (as sklearn on the float32 dense matrix).
   const bool f32 = values_in.scalar_type() == at::kFloat;
   const double e = f32 ? static_cast<double>(static_cast<float>(eps)) : eps;

@@ -130,6 +130,15 @@ def test_bad_inputs(args, error):
         dbscan(*args)
 
 
+def test_duplicate_csr_entries_are_rejected(backend):
+    backend("cpp")
+    crow = torch.tensor([0, 2, 3])
+    col = torch.tensor([1, 1, 0])
+    dup = torch.sparse_csr_tensor(crow, col, torch.tensor([0.1, 0.2, 0.1]), (2, 2))
+    with pytest.raises(ValueError, match="duplicate"):
+        dbscan(dup, 0.5, 1)
+
+
 def test_opcheck():
     d = torch.from_numpy(random_jaccard_like(20, 1))
     csr = to_csr(d.numpy())
