@@ -50,6 +50,65 @@ VIREID_ALWAYS_INLINE bool chunk_any_body(const T* s, const float* sub, int64_t n
 }
 VIREID_MULTIVERSION(chunk_any)
 
+// Rounds row r of x (d floats) to bf16 (nearest even; inputs are finite) into out, and returns the squared norms of
+// the rounded row and of the rounding residual x - bf16(x) (exact in float32).
+template <typename T>
+VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int64_t d, double* low2, double* err2) {
+  float a_low[16] = {0}, a_err[16] = {0};
+  int64_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    for (int u = 0; u < 16; ++u) {
+      uint32_t bits;
+      std::memcpy(&bits, &x[t + u], sizeof(bits));
+      bits += 0x7FFFu + ((bits >> 16) & 1u);
+      const uint16_t b = static_cast<uint16_t>(bits >> 16);
+      out[t + u] = b;
+      const float low = bf16_to_float(b);
+      const float err = x[t + u] - low;
+      a_low[u] += low * low;
+      a_err[u] += err * err;
+    }
+  }
+  for (int u = 0; t < d; ++t, ++u) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[t], sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    out[t] = static_cast<uint16_t>(bits >> 16);
+    const float low = bf16_to_float(out[t]);
+    const float err = x[t] - low;
+    a_low[u] += low * low;
+    a_err[u] += err * err;
+  }
+  double sl = 0, se = 0;
+  for (int u = 0; u < 16; ++u) {
+    sl += a_low[u];
+    se += a_err[u];
+  }
+  *low2 = sl;
+  *err2 = se;
+}
+VIREID_MULTIVERSION(round_row_bf16)
+
+// bf16 copy of x (R, d) and, per row, the norms of the copy and of the rounding residual.
+at::Tensor to_bf16_with_norms(const at::Tensor& x, std::vector<double>& nlow, std::vector<double>& nerr) {
+  const int64_t R = x.size(0), d = x.size(1);
+  at::Tensor out = at::empty({R, d}, x.options().dtype(at::kBFloat16));
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  nlow.resize(R);
+  nerr.resize(R);
+  at::parallel_for(0, R, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      double l2, e2;
+      round_row_bf16<float>(xp + r * d, op + r * d, d, &l2, &e2);
+      // float accumulation of d squares: relative error < d * 2^-24, covered by the bound's safety factor.
+      nlow[r] = std::sqrt(l2);
+      nerr[r] = std::sqrt(e2);
+    }
+  });
+  return out;
+}
+
 struct Cand {
   float score;  // approximate score, larger is better (l2: dot - ||y||^2 / 2)
   int32_t index;
@@ -128,32 +187,14 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   std::vector<double> bound(N);                                // absolute part of delta_i
   double rel = 0.0;                                            // relative part (of |approximate score|)
   if (bf16) {
-    xa = x.to(at::kBFloat16);
-    ya = self ? xa : y.to(at::kBFloat16);
-    // |x~.y~ - x.y| <= ||x - x~|| ||y|| + ||x~|| ||y - y~||, plus fp32 accumulation, plus the bf16 rounding of the
-    // GEMM output (relative 2^-8 of the exact accumulated value).
-    auto norms = [&](const at::Tensor& full, const at::Tensor& low, std::vector<double>& nlow, std::vector<double>& nerr) {
-      const at::Tensor lowf = low.to(at::kFloat);
-      const at::Tensor err = full - lowf;  // exact: the rounding residual fits in float32
-      const int64_t R = full.size(0);
-      nlow.resize(R);
-      nerr.resize(R);
-      const float* lp = lowf.data_ptr<float>();
-      const float* ep = err.data_ptr<float>();
-      at::parallel_for(0, R, 256, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          nlow[r] = std::sqrt(row_sq_norm(lp + r * d, d));
-          nerr[r] = std::sqrt(row_sq_norm(ep + r * d, d));
-        }
-      });
-    };
     std::vector<double> nxa, nxe, nya, nye;
-    norms(x, xa, nxa, nxe);
+    xa = to_bf16_with_norms(x, nxa, nxe);
     if (self) {
+      ya = xa;
       nya = nxa;
       nye = nxe;
     } else {
-      norms(y, ya, nya, nye);
+      ya = to_bf16_with_norms(y, nya, nye);
     }
     const double nya_max = *std::max_element(nya.begin(), nya.end());
     const double nye_max = *std::max_element(nye.begin(), nye.end());
@@ -174,6 +215,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   if (l2) {
     for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
     for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
+    // The relative part applies to the GEMM output |dot| <= |score| + ||y||^2/2, not to the score itself.
+    for (int64_t i = 0; i < N; ++i) bound[i] += rel * 0.5 * ny2_max * (1.0 + 4.0 * u32);
   }
   const double safety = 1.25;  // covers the rounding of the norms above
   for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
