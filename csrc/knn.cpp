@@ -41,14 +41,6 @@ VIREID_ALWAYS_INLINE float load_score(uint16_t v) { return bf16_to_float(v); }
 
 const uint16_t* bf16_rows(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); }
 
-// Whether any score (minus sub) of the chunk is >= thr.
-template <typename T>
-VIREID_ALWAYS_INLINE bool chunk_any_body(const T* s, const float* sub, int64_t n, float thr) {
-  int any = 0;
-  for (int64_t c = 0; c < n; ++c) any |= (load_score(s[c]) - sub[c]) >= thr;
-  return any != 0;
-}
-VIREID_MULTIVERSION(chunk_any)
 
 // Rounds row r of x (d floats) to bf16 (nearest even; inputs are finite) into out, and returns the squared norms of
 // the rounded row and of the rounding residual x - bf16(x) (exact in float32).
@@ -120,6 +112,36 @@ inline bool ranks_before(float sa, int32_t ia, float sb, int32_t ib) { return sa
 struct BestFirst {
   bool operator()(const Cand& a, const Cand& b) const { return ranks_before(a.score, a.index, b.score, b.index); }
 };
+
+// Merges one row of scores (columns j0..j0+ncols, minus sub) into a row's candidates: an unsorted buffer h of up to
+// 2C + kChunk entries, cut back to the best C (nth_element) once it holds more than 2C; *cut is the C-th best at the
+// last cut. A vectorised check per chunk skips the chunks holding no score >= the cut; the others are appended
+// branch-free (entries ranking after the cut are dropped at the next cut anyway).
+template <typename T>
+VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
+                                            int64_t C, int64_t* n_io, Cand* cut_io) {
+  int64_t n = *n_io;
+  Cand cut = *cut_io;
+  for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
+    const int64_t c1 = std::min(ncols, c0 + kChunk);
+    int any = 0;
+    for (int64_t c = c0; c < c1; ++c) any |= (load_score(s_row[c]) - sub[c]) >= cut.score;
+    if (!any) continue;
+    if (n > 2 * C) {
+      std::nth_element(h, h + (C - 1), h + n, BestFirst());
+      cut = h[C - 1];
+      n = C;
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const float s = load_score(s_row[c]) - sub[c];
+      h[n] = {s, static_cast<int32_t>(j0 + c)};
+      n += s >= cut.score;
+    }
+  }
+  *n_io = n;
+  *cut_io = cut;
+}
+VIREID_MULTIVERSION(merge_scores)
 
 template <typename T>
 VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
@@ -234,28 +256,10 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   // chunk skips the chunks holding no score that can enter, which is nearly all of them after the first tiles.
   auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols) {
     Cand* h = heaps.data() + i * cap;
-    int64_t n = sizes[i];
-    Cand cut = cuts[i];
-    const float* sub = nyh.data() + j0;
-    for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
-      const int64_t c1 = std::min(ncols, c0 + kChunk);
-      const bool any = s_row ? chunk_any<float>(s_row + c0, sub + c0, c1 - c0, cut.score)
-                             : chunk_any<uint16_t>(s_row_b + c0, sub + c0, c1 - c0, cut.score);
-      if (!any) continue;
-      // Branch-free append of the scores >= the cut (those ranking after it are dropped at the next cut anyway).
-      if (n > 2 * C) {
-        std::nth_element(h, h + (C - 1), h + n, BestFirst());
-        cut = h[C - 1];
-        n = C;
-      }
-      for (int64_t c = c0; c < c1; ++c) {
-        const float s = (s_row ? s_row[c] : bf16_to_float(s_row_b[c])) - sub[c];
-        h[n] = {s, static_cast<int32_t>(j0 + c)};
-        n += s >= cut.score;
-      }
-    }
-    sizes[i] = n;
-    cuts[i] = cut;
+    if (s_row)
+      merge_scores<float>(s_row, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
+    else
+      merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
   };
   for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
     const int64_t i1 = std::min(N, i0 + kTileRows);
