@@ -6,17 +6,18 @@
 // smallest ||x_i||^2 + ||y_j||^2 - 2 score; equal keys go to the lower index. The tile GEMM only proposes
 // candidates: every approximate score carries a rigorous error bound delta, each row keeps the top-C approximate
 // candidates, and the exact top-k is guaranteed to lie among them when the C-th kept score is more than the bound
-// below the k-th lower bound. Rows where that check fails are redone by an exact scan. So the bf16 candidate search
-// returns bit-identical results to the fp32 one; the precision only changes the speed.
+// below the k-th lower bound. Rows where that check fails are redone: by an fp32 candidate pass after a bf16 search,
+// by an exact scan after an fp32 one. So the bf16 candidate search returns bit-identical results to the fp32 one; the
+// precision only changes the speed.
 // Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
-#include <cmath>
 #include <string>
 #include <vector>
 
@@ -251,9 +252,6 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   std::vector<int64_t> sizes(N, 0);
   // Before the first cut every score enters: the cut starts as the worst possible entry.
   std::vector<Cand> cuts(N, Cand{-std::numeric_limits<float>::infinity(), std::numeric_limits<int32_t>::max()});
-  // Merge one row of scores (columns j0..j0+ncols) into row i's candidates: an unsorted buffer of up to 2C entries,
-  // cut back to the best C (nth_element) when full; `cut` is the C-th best at the last cut. A vectorised check per
-  // chunk skips the chunks holding no score that can enter, which is nearly all of them after the first tiles.
   auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols) {
     Cand* h = heaps.data() + i * cap;
     if (s_row)
