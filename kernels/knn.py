@@ -83,8 +83,14 @@ def _select(keys: torch.Tensor, idx: torch.Tensor, k: int, l2: bool) -> tuple[to
 
 
 def launch(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, precision: str,
-           block_m: int = 16, block_n: int = 32, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+           block_m: int | None = None, block_n: int | None = None,
+           block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same arguments and result as ``knn_ref``: values (N, k) float32, indices (N, k) int64."""
+    # Small blocks keep the interpreter (CPU tensors, tests) fast; GPUs want larger tiles.
+    on_gpu = x.device.type == "cuda"
+    block_m = block_m or (64 if on_gpu else 16)
+    block_n = block_n or (64 if on_gpu else 32)
+    block_d = block_d or (64 if on_gpu else 32)
     n, d = x.shape
     m = y.shape[0]
     l2 = metric == "l2"
