@@ -156,3 +156,11 @@ def test_triton_kernel_under_interpreter(backend, metric):
     ref_vals, ref_idx = brute_force(z, z, 4, metric)
     np.testing.assert_array_equal(idx.numpy(), ref_idx)
     np.testing.assert_array_equal(vals.numpy(), ref_vals.astype(np.float32))
+
+
+@pytest.mark.parametrize("op", ["knn", "kreciprocal_jaccard", "dbscan_dense", "dbscan_csr"])
+def test_python_schema_mirror_matches_the_extension(op):
+    from vireid_fast.ops._schemas import SCHEMAS
+
+    registered = str(getattr(torch.ops.vireid, op).default._schema).replace("vireid::", "")
+    assert registered == SCHEMAS[op]
