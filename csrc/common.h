@@ -119,3 +119,21 @@ Isa cpu_isa();
     return NAME##_body<T>(args...);              \
   }
 #endif
+
+namespace vireid {
+
+// Dot product of two float rows as the float64 sum of the (exact) float64 products. Eight fixed accumulators give
+// the same sum on every ISA, so "exact" scores do not depend on the machine.
+template <typename T>
+VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
+  }
+  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+VIREID_MULTIVERSION(dot_exact)
+
+}  // namespace vireid

@@ -15,18 +15,6 @@
 namespace vireid {
 namespace {
 
-template <typename T>
-VIREID_ALWAYS_INLINE double dot_f64_body(const float* a, const float* b, int64_t d) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t t = 0;
-  for (; t + 8 <= d; t += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
-  }
-  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-VIREID_MULTIVERSION(dot_f64)
-
 // Rows [b, e) of a CSR matrix assembled from per-chunk pieces.
 struct Csr {
   std::vector<int64_t> ptr;
@@ -179,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     for (size_t t = 0; t < cols.size(); ++t) {
       const int32_t slot = rank_sim ? where[cols[t]] : 0;
       const double sim = slot ? static_cast<double>(rank_sim[i * k1 + slot - 1])
-                              : dot_f64<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
+                              : dot_exact<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
       vals[t] = -(2.0 - 2.0 * sim);
       mx = std::max(mx, vals[t]);
     }

@@ -144,18 +144,6 @@ VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, in
 }
 VIREID_MULTIVERSION(merge_scores)
 
-template <typename T>
-VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
-  // Float products are exact in float64; eight fixed accumulators give the same sum on every ISA.
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t t = 0;
-  for (; t + 8 <= d; t += 8) {
-    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
-  }
-  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-}
-VIREID_MULTIVERSION(dot_exact)
 
 // Exact keys (smaller is better) of candidates `idx` for query row x_i.
 template <typename T>

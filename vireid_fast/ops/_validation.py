@@ -46,6 +46,12 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"inputs must be on one device, got {listing}; move them with .to(device)")
 
 
+def check_same_width(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two (N, d) / (M, d) feature matrices must share d."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} and {name_b} must share the feature dimension, got {a.shape[1]} and {b.shape[1]}")
+
+
 def check_positive(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._validation import FLOAT_DTYPES, check_finite, check_same_device, check_same_width, check_tensor
 from .reference import cmfp_ref
 
 __all__ = ["CMFPResult", "cmfp", "cmfp_ref", "cmfp_rerank"]
@@ -48,9 +48,7 @@ _registry.register("cmfp", reference=cmfp_ref, fake=_cmfp_fake)
 def _check(features_v, features_r, k):
     check_tensor("features_v", features_v, dims=(2,), dtypes=FLOAT_DTYPES)
     check_tensor("features_r", features_r, dims=(2,), dtypes=FLOAT_DTYPES)
-    if features_v.shape[1] != features_r.shape[1]:
-        raise ValueError(f"features_v and features_r must share the feature dimension, got {features_v.shape[1]} "
-                         f"and {features_r.shape[1]}")
+    check_same_width("features_v", features_v, "features_r", features_r)
     check_same_device(features_v=features_v, features_r=features_r)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")

@@ -12,7 +12,16 @@ from typing import NamedTuple
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_int, check_positive, check_same_device, check_tensor, tracing
+from ._validation import (
+    FLOAT_DTYPES,
+    check_finite,
+    check_int,
+    check_positive,
+    check_same_device,
+    check_same_width,
+    check_tensor,
+    tracing,
+)
 from .reference import sinkhorn_ref
 
 __all__ = ["SinkhornInfo", "ot_assign", "sinkhorn", "sinkhorn_ref"]
@@ -118,9 +127,7 @@ def ot_assign(features: torch.Tensor, prototypes: torch.Tensor, lam: float, a: t
     """
     check_tensor("features", features, dims=(2,), dtypes=FLOAT_DTYPES)
     check_tensor("prototypes", prototypes, dims=(2,), dtypes=FLOAT_DTYPES)
-    if features.shape[1] != prototypes.shape[1]:
-        raise ValueError(f"features and prototypes must share the feature dimension, got {features.shape[1]} and "
-                         f"{prototypes.shape[1]}")
+    check_same_width("features", features, "prototypes", prototypes)
     check_same_device(features=features, prototypes=prototypes)
     check_finite("features", features)
     check_finite("prototypes", prototypes)
