@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import pytest
+
+from vireid_fast.cli import DEMO_CONFIG, main
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "make-synthetic", "bench"):
+        assert command in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "key=value" in capsys.readouterr().out
+
+
+def test_print_config_with_overrides(capsys):
+    assert main(["train", "--print-config", "train.epochs=7", "cluster.eps=0.45", "--output-dir", "/tmp/x"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 7" in out and "eps: 0.45" in out and "output_dir: /tmp/x" in out
+    assert "dataset: synthetic" in out  # no --config: the demo config
+
+
+def test_bad_override_names_the_key(capsys):
+    assert main(["train", "--print-config", "train.lr=-3"]) == 2
+    assert "train.lr: must be > 0" in capsys.readouterr().err
+    assert main(["train", "--print-config", "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'" in capsys.readouterr().err
+
+
+def test_demo_config_exists_and_module_entry_point():
+    import os
+
+    assert os.path.isfile(DEMO_CONFIG)
+    proc = subprocess.run([sys.executable, "-m", "vireid_fast.cli", "make-synthetic", "--help"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "--size" in proc.stdout
+
+
+def test_make_synthetic(tmp_path):
+    assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--size", "tiny", "--ids", "6"]) == 0
+    assert (tmp_path / "syn" / "synthetic.json").exists()
+    assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--size", "tiny", "--ids", "6"]) == 0  # reused
