@@ -26,7 +26,8 @@ def test_one_epoch_end_to_end(root, tmp_path):
     assert set(summary) >= {"untrained", "trained"}
     for key in ("rank1", "mAP", "mINP"):
         assert 0.0 <= summary["trained"][key] <= 100.0
-    changed = [k for k, v in trainer.encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    changed = [k for k, v in trainer.encoder.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.startswith("layer") for k in changed) and any(k.startswith("visible_stem") for k in changed)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["epoch"] for r in rows] == [0, 1]

@@ -36,9 +36,9 @@ class FakeTrainer:
 
 
 def test_dcl_step_losses_and_memory_update():
+    from vireid_fast.config import load_config
     from vireid_fast.engine import TrainBatch
     from vireid_fast.models import small_resnet
-    from vireid_fast.config import load_config
 
     torch.manual_seed(0)
     model = small_resnet(widths=(8, 8, 8, 16))

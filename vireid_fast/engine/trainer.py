@@ -75,7 +75,10 @@ class Trainer:
         if exp.threads:
             torch.set_num_threads(exp.threads)
         self._seed_everything(exp.seed)
-        if exp.deterministic:
+        if exp.deterministic and self.device.type == "cuda":
+            # CPU kernels are already deterministic for a fixed thread count; on CUDA ask for deterministic
+            # algorithms (this import is heavy, so it is not paid on CPU).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         self.output_dir = exp.output_dir

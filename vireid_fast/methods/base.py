@@ -22,7 +22,7 @@ import torch
 from ..config import spec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..engine.trainer import Trainer, TrainBatch
+    from ..engine.trainer import TrainBatch, Trainer
 
 METHODS: dict[str, type[Method]] = {}
 
