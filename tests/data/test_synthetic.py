@@ -92,6 +92,11 @@ def test_generate_refuses_a_non_empty_folder_and_bad_arguments(tmp_path):
         generate(str(tmp_path / "new"), size="huge")
     with pytest.raises(ValueError, match="ids must be at least 3"):
         generate(str(tmp_path / "new2"), ids=2)
+    generate(str(tmp_path), ids=6, size="tiny", workers=1, overwrite=True)
+    generate(str(tmp_path), ids=3, size="tiny", workers=1, overwrite=True)  # no stale identities left behind
+    assert (tmp_path / "x.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "cam3")) == sorted(f"{p:04d}" for p in range(1, 4)
+                                                          if camera_plan(0, p, SIZES["tiny"])[3])
 
 
 def _colour_histogram(image: np.ndarray, bins: int = 4) -> np.ndarray:
@@ -170,3 +175,17 @@ def test_cli_writes_dataset(tmp_path, capsys):
     assert summary["ids"] == 3 and summary["images"] > 0
     with pytest.raises(DatasetError):
         SYSUMM01(str(tmp_path / "does-not-exist"))
+
+
+def test_evaluation_protocol_accepts_the_synthetic_set(tiny):
+    """Runs once the evaluation helper's SYSU protocol is merged (skipped before)."""
+    protocol = pytest.importorskip("vireid_fast.eval.sysu")
+    root, _ = tiny
+    data = SYSUMM01(root)
+    paths, pids, cams = protocol.sysu_query(root)
+    expected = sorted((r.pid, r.camid, r.path) for c in (3, 6) for r in data.test_by_camera[c])
+    assert list(zip(pids.tolist(), cams.tolist(), paths, strict=True)) == expected
+    g_paths, g_pids, g_cams = protocol.sysu_gallery(root, mode="all", trial=0)
+    assert set(g_pids.tolist()) == set(data.test_ids) and set(g_cams.tolist()) <= {1, 2, 4, 5}
+    assert len(g_paths) == sum(1 for pid in data.test_ids for c in (1, 2, 4, 5)
+                               if any(r.pid == pid for r in data.test_by_camera[c]))

@@ -46,7 +46,7 @@ INFRARED_CAMERAS = (3, 6)
 ALL_CAMERAS = (1, 2, 3, 4, 5, 6)
 JPEG_QUALITY = 92
 # How much a garment's infrared brightness follows its visible luminance (the rest is a random material property).
-IR_LUMINANCE_WEIGHT = 0.5
+IR_LUMINANCE_WEIGHT = 0.8
 
 
 @dataclass(frozen=True)
@@ -620,8 +620,8 @@ def generate(out_dir: str, ids: int | None = None, seed: int = 0, size: str = DE
     ids: total identities (default: the size preset's; ~55 % train, 15 % val, 30 % test); seed: everything follows
     from it; size: ``"tiny" | "small" | "medium" | "large"`` (identities and images per camera); image_size: (H, W)
     of the stored JPEGs; workers: processes to render with (0 = up to 4, as many as CPUs; the bytes do not depend on
-    it). The summary is also
-    written to ``out_dir/synthetic.json``.
+    it); overwrite: replace a dataset already in ``out_dir`` (its cam*/, exp/ and synthetic.json are removed first).
+    The summary is also written to ``out_dir/synthetic.json``.
     """
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}; got {size!r}")
@@ -633,6 +633,13 @@ def generate(out_dir: str, ids: int | None = None, seed: int = 0, size: str = DE
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite) or another path")
     split = split_ids(num_ids, seed)
+    if overwrite and os.path.isdir(out_dir):
+        import shutil
+
+        for name in [f"cam{c}" for c in ALL_CAMERAS] + ["exp"]:
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+        if os.path.exists(os.path.join(out_dir, "synthetic.json")):
+            os.remove(os.path.join(out_dir, "synthetic.json"))
     start = time.perf_counter()
     os.makedirs(os.path.join(out_dir, "exp"), exist_ok=True)
     for cam in ALL_CAMERAS:
