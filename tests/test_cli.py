@@ -45,3 +45,19 @@ def test_make_synthetic(tmp_path):
     assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--size", "tiny", "--ids", "6"]) == 0
     assert (tmp_path / "syn" / "synthetic.json").exists()
     assert main(["make-synthetic", "--out", str(tmp_path / "syn"), "--size", "tiny", "--ids", "6"]) == 0  # reused
+
+
+def test_train_then_eval_from_the_command_line(tmp_path_factory, tmp_path, capsys):
+    from tests.engine.tiny import TINY_OVERRIDES, tiny_root
+
+    root = tiny_root(tmp_path_factory)
+    out = tmp_path / "run"
+    args = ["train", "--data-root", root, "--output-dir", str(out), "--no-progress", *TINY_OVERRIDES,
+            "train.epochs=1"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "untrained" in text and "trained (epoch 1)" in text and "extract" in text
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data-root", root]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "(epoch 1)" in line and "mAP" in line and "mINP" in line
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--rerank"]) == 2

@@ -111,7 +111,8 @@ SECTIONS = {"experiment": ExperimentConfig, "data": DataConfig, "model": ModelCo
 
 # Keys that may change between a run and its resumption (they do not change what is computed per epoch).
 RESUMABLE_KEYS = {"experiment.output_dir", "experiment.name", "data.root", "data.num_workers", "data.cache_images",
-                  "train.epochs", "train.eval_every", "eval.eval_untrained", "eval.batch_size", "experiment.threads"}
+                  "train.epochs", "train.eval_every", "eval.eval_untrained", "eval.batch_size", "eval.trials",
+                  "eval.mode", "experiment.threads"}
 
 
 @dataclass

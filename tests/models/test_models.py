@@ -11,15 +11,21 @@ def agw():
 
 
 def test_agw_forward_shapes_both_modalities(agw):
-    x = torch.randn(3, 3, 64, 32)
+    x = torch.randn(3, 3, 32, 16)
     with torch.no_grad():
+        vis = agw(x, 0)
+        ir = agw(x, 1)
+    assert vis.shape == ir.shape == (3, 2048) and agw.feature_dim == 2048
+    # both stems start from the same weights, but are separate parameters
+    torch.testing.assert_close(vis, ir)
+    assert agw.visible_stem.conv1.weight.data_ptr() != agw.infrared_stem.conv1.weight.data_ptr()
+    with torch.no_grad():
+        agw.infrared_stem.conv1.weight.mul_(-1)
         vis = agw(x, 0)
         ir = agw(x, 1)
         mixed = agw(x, torch.tensor([0, 1, 0]))
         pooled, feat = agw(x, 1, return_pooled=True)
-    assert vis.shape == ir.shape == (3, 2048) and pooled.shape == (3, 2048)
-    assert agw.feature_dim == 2048
-    # modality-specific stems: the same image gives different embeddings per modality
+    assert pooled.shape == (3, 2048)
     assert not torch.allclose(vis, ir)
     # a mixed batch routes each image through its own stem
     torch.testing.assert_close(mixed[0], vis[0], rtol=1e-4, atol=1e-4)
@@ -36,7 +42,7 @@ def test_agw_structure(agw):
 
 def test_bad_modality_argument(agw):
     with pytest.raises(ValueError, match="modality"):
-        agw(torch.randn(2, 3, 64, 32), torch.tensor([0, 1, 1]))
+        agw(torch.randn(2, 3, 32, 16), torch.tensor([0, 1, 1]))
 
 
 def _fake_torchvision_state(model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,8 +20,16 @@ def cache_dir() -> str:
     return os.path.join(base, "vireid_fast")
 
 
+def generator_fingerprint() -> str:
+    """Short hash of the generator's source: a changed generator gets a new cache folder, never stale images."""
+    from ..data import synthetic
+
+    with open(synthetic.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:10]
+
+
 def synthetic_root(size: str, ids: int, seed: int) -> str:
-    return os.path.join(cache_dir(), f"synthetic-{size}-ids{ids or 'preset'}-seed{seed}")
+    return os.path.join(cache_dir(), f"synthetic-{size}-ids{ids or 'preset'}-seed{seed}-{generator_fingerprint()}")
 
 
 def ensure_synthetic(root: str, size: str, ids: int, seed: int, log=print) -> str:

@@ -99,6 +99,9 @@ class TwoStreamResNet(nn.Module):
         for stage in range(4):  # init_weights reset the non-local output BNs; they must start at zero
             for block_nl in getattr(self, f"non_local{stage + 1}"):
                 nn.init.zeros_(block_nl.W[1].weight)
+        # Both stems start from the same weights, as they do from ImageNet weights (conv1/bn1 copied into each):
+        # the encoder starts modality-agnostic and the stems specialise during training.
+        self.infrared_stem.load_state_dict(self.visible_stem.state_dict())
 
     def stems(self, images: torch.Tensor, modality) -> torch.Tensor:
         if isinstance(modality, int):
