@@ -41,9 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-root", help="dataset folder (default: the one in the checkpoint's config)")
     ev.add_argument("--trials", type=int, default=None, help="gallery samplings (SYSU) / ignored for RegDB")
     ev.add_argument("--cmfp", type=int, default=None, metavar="K",
-                    help="not available yet: cross-modality feature propagation is part of the methods issue")
-    ev.add_argument("--rerank", action="store_true",
-                    help="not available yet: k-reciprocal re-ranking of the retrieval list")
+                    help="SALCR cross-modality feature propagation over query+gallery with K neighbours")
+    ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
 
     syn = sub.add_parser("make-synthetic", help="write the synthetic visible-infrared dataset (SYSU-MM01 layout)")
     syn.add_argument("--out", help="output folder (default: the cache folder the demo uses)")
@@ -92,8 +91,11 @@ def cmd_eval(args) -> int:
     from .config import from_dict
     from .engine import Trainer, load_checkpoint
 
-    if args.cmfp is not None or args.rerank:
-        print("eval: --cmfp and --rerank are not implemented yet (methods/evaluation issues)", file=sys.stderr)
+    if args.cmfp is not None and args.rerank:
+        print("eval: choose one of --cmfp K and --rerank", file=sys.stderr)
+        return 2
+    if args.cmfp is not None and args.cmfp < 1:
+        print(f"eval: --cmfp K needs K >= 1, got {args.cmfp}", file=sys.stderr)
         return 2
     state = load_checkpoint(args.checkpoint)
     raw = state["config"]
@@ -103,8 +105,9 @@ def cmd_eval(args) -> int:
     raw["experiment"]["output_dir"] = os.path.dirname(os.path.abspath(args.checkpoint))
     config = from_dict(raw)
     trainer = Trainer(config, data_root=args.data_root, resume=args.checkpoint)
-    result = trainer.evaluate()
-    print(f"{args.checkpoint} (epoch {state['epoch']}): " + "  ".join(
+    result = trainer.evaluate(rerank=args.rerank, cmfp_k=args.cmfp)
+    setting = " with CMFP" if args.cmfp is not None else (" with re-ranking" if args.rerank else "")
+    print(f"{args.checkpoint} (epoch {state['epoch']}){setting}: " + "  ".join(
         f"{k} {result[k]:.2f}" for k in ("rank1", "rank5", "rank10", "rank20", "mAP", "mINP")))
     return 0
 

@@ -37,7 +37,8 @@ def test_one_epoch_end_to_end(root, tmp_path):
                 "time/train", "time/eval"):
         assert key in epoch, key
     assert epoch["clusters/visible"] > 0 and epoch["clusters/infrared"] > 0
-    assert (tmp_path / "run" / "curves.png").exists() and (tmp_path / "run" / "checkpoint.pt").exists()
+    for name in ("curves.png", "cmc.png", "checkpoint.pt"):
+        assert (tmp_path / "run" / name).exists(), name
     labels = trainer.labels
     assert labels["visible"].shape == (len(trainer.train_sets["visible"]),)
     assert "untrained" in trainer.report() and "extract" in trainer.report()

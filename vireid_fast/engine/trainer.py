@@ -207,8 +207,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module | None = None) -> dict:
-        """Retrieval metrics (percent) averaged over the gallery trials: rank1, rank5, rank10, rank20, mAP, mINP."""
+    def evaluate(self, model: torch.nn.Module | None = None, *, rerank: bool = False,
+                 cmfp_k: int | None = None) -> dict:
+        """Retrieval metrics (percent) averaged over the gallery trials: rank1, rank5, rank10, rank20, mAP, mINP.
+
+        Distances: cosine (``-q . g``); ``cmfp_k``: SALCR's cross-modality feature propagation over [query; gallery]
+        with k neighbours (:func:`vireid_fast.ops.cmfp_rerank`); ``rerank``: k-reciprocal re-ranking
+        (:func:`vireid_fast.eval.kreciprocal`, k1=20, k2=6, lambda=0.3) of the Euclidean distances.
+        """
         from ..eval import evaluate
 
         q = self.extract(self.test_images["query"], INFRARED if self._query_is_infrared() else VISIBLE, model)
@@ -221,7 +227,20 @@ class Trainer:
         summaries = []
         self.last_results = []
         for chosen in self.test_set.gallery_trials:
-            dist = -(q @ g[torch.from_numpy(chosen)].T)
+            g_trial = g[torch.from_numpy(chosen)]
+            if cmfp_k is not None:
+                from ..ops import cmfp_rerank
+
+                dist = cmfp_rerank(q, g_trial, cmfp_k)
+            elif rerank:
+                from ..eval import kreciprocal
+
+                def euclid(a, b):
+                    return (2.0 - 2.0 * (a @ b.T)).clamp(min=0).sqrt()
+
+                dist = kreciprocal(euclid(q, g_trial), euclid(q, q), euclid(g_trial, g_trial))
+            else:
+                dist = -(q @ g_trial.T)
             result = evaluate(dist, q_pids, g_pids[chosen], q_cams, g_cams[chosen], protocol=self.test_set.protocol)
             self.last_results.append(result)
             summaries.append(result.summary())
@@ -372,7 +391,23 @@ class Trainer:
             self.save(done)
             if self.is_main:
                 plot_curves(self.metrics.rows, os.path.join(self.output_dir, "curves.png"))
+        self.plot_cmc()
         return self.summary()
+
+    def plot_cmc(self) -> str | None:
+        """PNG of the last evaluation's CMC curves (one per gallery trial) next to the metrics; None if unavailable."""
+        results = getattr(self, "last_results", None)
+        if not self.is_main or not results:
+            return None
+        try:
+            from ..eval import plot_cmc
+        except ImportError:
+            return None
+        path = os.path.join(self.output_dir, "cmc.png")
+        try:
+            return plot_cmc([(f"trial {i}", r) for i, r in enumerate(results)], path, title="CMC (last evaluation)")
+        except ImportError:  # matplotlib missing
+            return None
 
     def summary(self) -> dict:
         rows = self.metrics.rows
