@@ -445,9 +445,17 @@ class Trainer:
             rows.append(("untrained", s["untrained"]))
         if "trained" in s:
             rows.append((f"trained (epoch {s['trained_epoch']})", s["trained"]))
-        lines = [results_table(rows), "", f"{'epoch':>5}{'extract':>10}{'cluster':>10}{'train':>10}{'eval':>10}"]
+        lines = [results_table(rows), "",
+                 f"{'epoch':>5}{'extract':>10}{'cluster':>10}{'train':>10}{'eval':>10}   "
+                 f"{'clusters vis/ir':>16}{'outliers vis/ir':>17}{'ARI vis/ir':>14}{'NMI vis/ir':>14}"]
         for r in self.metrics.rows:
             if r.get("epoch", 0) > 0:
                 lines.append(f"{r['epoch']:>5}{r['time/extract']:>9.1f}s{r['time/cluster']:>9.1f}s"
-                             f"{r['time/train']:>9.1f}s{r['time/eval']:>9.1f}s")
+                             f"{r['time/train']:>9.1f}s{r['time/eval']:>9.1f}s   "
+                             f"{r['clusters/visible']:>9}/{r['clusters/infrared']:<6}"
+                             f"{r['outliers/visible']:>10}/{r['outliers/infrared']:<6}"
+                             f"{r['ari/visible']:>8.3f}/{r['ari/infrared']:<5.3f}"
+                             f"{r['nmi/visible']:>8.3f}/{r['nmi/infrared']:<5.3f}")
+        lines.append("(ARI/NMI: pseudo-labels against the true identities, outliers as singletons; reported only, "
+                     "never used for training)")
         return "\n".join(lines)
