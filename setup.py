@@ -47,11 +47,11 @@ def _want_cuda() -> bool:
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # The torch version is baked into the binary so that loading can refuse a build made for another torch.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-g0", f'-DVIREID_TORCH_VERSION="{torch.__version__}"']
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-g0", f'-DVIREID_TORCH_VERSION="{torch.__version__}"']
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension("vireid_fast._C", sources, extra_compile_args={"cxx": cxx + ["-DVIREID_WITH_CUDA"],
-                                                                           "nvcc": ["-O3", "-std=c++17"]},
+                                                                           "nvcc": ["-O3", "-std=c++20"]},
                              extra_link_args=["-fopenmp"])
     return CppExtension("vireid_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
 

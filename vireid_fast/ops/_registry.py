@@ -95,11 +95,12 @@ def triton_module(op: str):
     return importlib.import_module(f"vireid_fast.kernels.{op}")
 
 
-def register(op: str, *, reference: Callable, fake: Callable) -> None:
+def register(op: str, *, reference: Callable, fake: Callable, kernel_module: str | None = None,
+             launcher: str = "launch") -> None:
     """Register the Python-side kernels of ``vireid::<op>`` (idempotent).
 
     ``reference`` takes the op's schema arguments and serves every device without a dedicated kernel. CUDA tensors go
-    to ``vireid_fast.kernels.<op>.launch`` (same arguments) when Triton is importable.
+    to ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable.
     """
     global _python_lib
     if op in _registered:
@@ -116,7 +117,7 @@ def register(op: str, *, reference: Callable, fake: Callable) -> None:
         if not ok:
             warn_once(f"triton:{op}", f"vireid_fast: Triton unavailable ({reason}); {op} on CUDA uses the reference")
             return reference(*args)
-        return triton_module(op).launch(*args)
+        return getattr(triton_module(kernel_module or op), launcher)(*args)
 
     _impl_lib.impl(op, cuda_kernel, "CUDA")
     torch.library.register_fake(f"vireid::{op}")(fake)

@@ -1,0 +1,307 @@
+// k-reciprocal Jaccard distance (cluster-contrast compute_jaccard_distance semantics, shared/spec/jaccard.md) from a
+// precomputed initial rank, in CSR form. Everything is sparse: V and its query expansion are CSR rows with sorted
+// columns, the min-sum runs over an inverted index (column -> rows), and the output keeps only entries < 1.
+// Memory: O(N * k1 * |V row|) for the inverted index and output, never N x N.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace vireid {
+namespace {
+
+template <typename T>
+VIREID_ALWAYS_INLINE double dot_f64_body(const float* a, const float* b, int64_t d) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
+  }
+  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+VIREID_MULTIVERSION(dot_f64)
+
+// Rows [b, e) of a CSR matrix assembled from per-chunk pieces.
+struct Csr {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> col;
+  std::vector<double> val;
+};
+
+// Runs `row_fn(i, cols, vals)` for every row in parallel (rows handed out in chunks) and assembles the CSR.
+template <typename RowFn>
+Csr build_rows(int64_t n, RowFn row_fn) {
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<std::vector<int32_t>> ccol(chunks);
+  std::vector<std::vector<double>> cval(chunks);
+  std::vector<int64_t> counts(n, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<int32_t> cols;
+    std::vector<double> vals;
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
+        cols.clear();
+        vals.clear();
+        row_fn(i, cols, vals);
+        counts[i] = static_cast<int64_t>(cols.size());
+        ccol[ch].insert(ccol[ch].end(), cols.begin(), cols.end());
+        cval[ch].insert(cval[ch].end(), vals.begin(), vals.end());
+      }
+    }
+  });
+  Csr out;
+  out.ptr.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) out.ptr[i + 1] = out.ptr[i] + counts[i];
+  out.col.resize(out.ptr[n]);
+  out.val.resize(out.ptr[n]);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t start = out.ptr[ch * kChunk];
+      std::copy(ccol[ch].begin(), ccol[ch].end(), out.col.begin() + start);
+      std::copy(cval[ch].begin(), cval[ch].end(), out.val.begin() + start);
+      std::vector<int32_t>().swap(ccol[ch]);
+      std::vector<double>().swap(cval[ch]);
+    }
+  });
+  return out;
+}
+
+// recip(i, k): members j of R[i][:k+1] (in order) with i in R[j][:k+1]; row-major (N, width) with counts.
+void reciprocal_sets(const int64_t* rank, int64_t n, int64_t k1, int64_t k, std::vector<int32_t>& sets,
+                     std::vector<int32_t>& counts) {
+  const int64_t width = std::min(k + 1, k1);
+  sets.assign(n * width, 0);
+  counts.assign(n, 0);
+  at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      int32_t c = 0;
+      for (int64_t t = 0; t < width; ++t) {
+        const int64_t j = rank[i * k1 + t];
+        const int64_t* back = rank + j * k1;
+        for (int64_t s = 0; s < width; ++s) {
+          if (back[s] == i) {
+            sets[i * width + c++] = static_cast<int32_t>(j);
+            break;
+          }
+        }
+      }
+      counts[i] = c;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at::Tensor& features_in,
+                                                                       const at::Tensor& rank_in,
+                                                                       const c10::optional<at::Tensor>& rank_sim_in,
+                                                                       int64_t k2,
+                                                                       const c10::optional<at::Tensor>& modality_in) {
+  TORCH_CHECK(features_in.dim() == 2 && features_in.scalar_type() == at::kFloat,
+              "vireid::kreciprocal_jaccard: features must be (N, d) float32");
+  TORCH_CHECK(rank_in.dim() == 2 && rank_in.scalar_type() == at::kLong,
+              "vireid::kreciprocal_jaccard: initial_rank must be (N, k1) int64");
+  const int64_t n = features_in.size(0), d = features_in.size(1), k1 = rank_in.size(1);
+  TORCH_CHECK(rank_in.size(0) == n, "vireid::kreciprocal_jaccard: initial_rank must have one row per feature");
+  TORCH_CHECK(n > 0 && k1 >= 1 && k1 <= n, "vireid::kreciprocal_jaccard: need 1 <= k1 <= N");
+  TORCH_CHECK(k2 >= 1 && k2 <= k1, "vireid::kreciprocal_jaccard: need 1 <= k2 <= k1");
+  TORCH_CHECK(n < (int64_t(1) << 31), "vireid::kreciprocal_jaccard: at most 2^31 - 1 rows");
+  const at::Tensor features = features_in.contiguous();
+  const at::Tensor rank_t = rank_in.contiguous();
+  const float* f = features.data_ptr<float>();
+  const int64_t* rank = rank_t.data_ptr<int64_t>();
+  TORCH_CHECK(rank_t.min().item<int64_t>() >= 0 && rank_t.max().item<int64_t>() < n,
+              "vireid::kreciprocal_jaccard: initial_rank entries must be in [0, N)");
+  const int64_t* modality = nullptr;
+  at::Tensor modality_t;
+  if (modality_in.has_value()) {
+    modality_t = modality_in->contiguous();
+    TORCH_CHECK(modality_t.dim() == 1 && modality_t.size(0) == n && modality_t.scalar_type() == at::kLong,
+                "vireid::kreciprocal_jaccard: modality must be (N,) int64");
+    modality = modality_t.data_ptr<int64_t>();
+  }
+
+  const float* rank_sim = nullptr;
+  at::Tensor rank_sim_t;
+  if (rank_sim_in.has_value()) {
+    rank_sim_t = rank_sim_in->contiguous();
+    TORCH_CHECK(rank_sim_t.sizes() == rank_t.sizes() && rank_sim_t.scalar_type() == at::kFloat,
+                "vireid::kreciprocal_jaccard: rank_sim must be (N, k1) float32 like initial_rank");
+    rank_sim = rank_sim_t.data_ptr<float>();
+  }
+
+  // Step 2: k-reciprocal sets for k1 and round_half_even(k1 / 2).
+  const int64_t kh = static_cast<int64_t>(std::nearbyint(static_cast<double>(k1) / 2.0));
+  std::vector<int32_t> a_sets, a_cnt, h_sets, h_cnt;
+  reciprocal_sets(rank, n, k1, k1, a_sets, a_cnt);
+  reciprocal_sets(rank, n, k1, kh, h_sets, h_cnt);
+  const int64_t a_w = std::min(k1 + 1, k1), h_w = std::min(kh + 1, k1);
+
+  // Steps 3-4: expansion and softmax encoding, one sorted sparse row of V per feature.
+  const int max_threads = at::get_num_threads();
+  std::vector<std::vector<char>> marks(max_threads, std::vector<char>(n, 0));
+  std::vector<std::vector<int32_t>> slots(max_threads, std::vector<int32_t>(rank_sim ? n : 0, 0));
+  const Csr v = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+    std::vector<char>& mark = marks[at::get_thread_num()];
+    const int32_t* a_i = a_sets.data() + i * a_w;
+    const int32_t na = a_cnt[i];
+    for (int32_t t = 0; t < na; ++t) mark[a_i[t]] = 1;
+    // mark: 1 = in A_i, 2 = added by the expansion (so the union stays duplicate-free without a sort of all).
+    cols.assign(a_i, a_i + na);
+    for (int32_t t = 0; t < na; ++t) {
+      const int32_t c = a_i[t];
+      const int32_t* h_c = h_sets.data() + c * h_w;
+      const int32_t nh = h_cnt[c];
+      int32_t common = 0;
+      for (int32_t s = 0; s < nh; ++s) common += mark[h_c[s]] == 1;
+      if (static_cast<double>(common) > 2.0 / 3.0 * static_cast<double>(nh)) {
+        for (int32_t s = 0; s < nh; ++s) {
+          if (!mark[h_c[s]]) {
+            mark[h_c[s]] = 2;
+            cols.push_back(h_c[s]);
+          }
+        }
+      }
+    }
+    for (int32_t j : cols) mark[j] = 0;
+    std::sort(cols.begin(), cols.end());
+    // softmax over j of -(2 - 2 f_i.f_j), shifted by its maximum; f_i.f_j comes from rank_sim for j in R[i].
+    vals.resize(cols.size());
+    std::vector<int32_t>& where = slots[at::get_thread_num()];
+    if (rank_sim)
+      for (int64_t t = 0; t < k1; ++t) where[rank[i * k1 + t]] = static_cast<int32_t>(t + 1);
+    double mx = -std::numeric_limits<double>::infinity();
+    for (size_t t = 0; t < cols.size(); ++t) {
+      const int32_t slot = rank_sim ? where[cols[t]] : 0;
+      const double sim = slot ? static_cast<double>(rank_sim[i * k1 + slot - 1])
+                              : dot_f64<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
+      vals[t] = -(2.0 - 2.0 * sim);
+      mx = std::max(mx, vals[t]);
+    }
+    if (rank_sim)
+      for (int64_t t = 0; t < k1; ++t) where[rank[i * k1 + t]] = 0;
+    double total = 0.0;
+    for (double& x : vals) {
+      x = std::exp(x - mx);
+      total += x;
+    }
+    for (double& x : vals) x /= total;
+  });
+
+  // Step 5: query expansion, the mean of V over R[i][:k2] (per modality, then across modalities, if given).
+  std::vector<std::vector<double>> accs(max_threads, std::vector<double>(n, 0.0));
+  const Csr vq_storage = k2 == 1 ? Csr() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
+                                                              std::vector<double>& vals) {
+    std::vector<double>& acc = accs[at::get_thread_num()];
+    std::vector<char>& mark = marks[at::get_thread_num()];
+    const int64_t* nb = rank + i * k1;
+    double weight[64];
+    std::vector<double> weight_big;
+    double* w = weight;
+    if (k2 > 64) {
+      weight_big.resize(k2);
+      w = weight_big.data();
+    }
+    if (modality == nullptr) {
+      for (int64_t t = 0; t < k2; ++t) w[t] = 1.0 / static_cast<double>(k2);
+    } else {
+      int64_t per[2] = {0, 0};
+      for (int64_t t = 0; t < k2; ++t) per[modality[nb[t]] != 0]++;
+      const int groups = (per[0] > 0) + (per[1] > 0);
+      for (int64_t t = 0; t < k2; ++t)
+        w[t] = 1.0 / (static_cast<double>(groups) * static_cast<double>(per[modality[nb[t]] != 0]));
+    }
+    for (int64_t t = 0; t < k2; ++t) {
+      const int64_t j = nb[t];
+      for (int64_t p = v.ptr[j]; p < v.ptr[j + 1]; ++p) {
+        const int32_t c = v.col[p];
+        if (!mark[c]) {
+          mark[c] = 1;
+          cols.push_back(c);
+        }
+        acc[c] += w[t] * v.val[p];
+      }
+    }
+    std::sort(cols.begin(), cols.end());
+    vals.resize(cols.size());
+    for (size_t t = 0; t < cols.size(); ++t) {
+      vals[t] = acc[cols[t]];
+      acc[cols[t]] = 0.0;
+      mark[cols[t]] = 0;
+    }
+  });
+  const Csr& vq = k2 == 1 ? v : vq_storage;
+
+  // Inverted index: for each column c, the rows having V[row, c] > 0, with the value.
+  std::vector<int64_t> inv_ptr(n + 1, 0);
+  for (int32_t c : vq.col) inv_ptr[c + 1]++;
+  for (int64_t c = 0; c < n; ++c) inv_ptr[c + 1] += inv_ptr[c];
+  std::vector<int32_t> inv_row(inv_ptr[n]);
+  std::vector<double> inv_val(inv_ptr[n]);
+  {
+    std::vector<int64_t> fill(inv_ptr.begin(), inv_ptr.end() - 1);
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t p = vq.ptr[r]; p < vq.ptr[r + 1]; ++p) {
+        const int64_t q = fill[vq.col[p]]++;
+        inv_row[q] = static_cast<int32_t>(r);
+        inv_val[q] = vq.val[p];
+      }
+    }
+  }
+
+  // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i (ascending, so s_ij == s_ji bit for bit);
+  // distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
+  const Csr jac = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+    std::vector<double>& acc = accs[at::get_thread_num()];
+    std::vector<char>& mark = marks[at::get_thread_num()];
+    std::vector<int32_t> touched;
+    for (int64_t p = vq.ptr[i]; p < vq.ptr[i + 1]; ++p) {
+      const int64_t c = vq.col[p];
+      const double vi = vq.val[p];
+      for (int64_t q = inv_ptr[c]; q < inv_ptr[c + 1]; ++q) {
+        const int32_t j = inv_row[q];
+        if (!mark[j]) {
+          mark[j] = 1;
+          touched.push_back(j);
+        }
+        acc[j] += std::min(vi, inv_val[q]);
+      }
+    }
+    std::sort(touched.begin(), touched.end());
+    for (int32_t j : touched) {
+      const double s = acc[j];
+      acc[j] = 0.0;
+      mark[j] = 0;
+      const float dist = static_cast<float>(std::max(0.0, 1.0 - s / (2.0 - s)));
+      if (dist < 1.0f) {
+        cols.push_back(j);
+        vals.push_back(dist);
+      }
+    }
+  });
+
+  const int64_t nnz = jac.ptr[n];
+  at::Tensor crow = at::empty({n + 1}, rank_t.options());
+  at::Tensor col = at::empty({nnz}, rank_t.options());
+  at::Tensor values = at::empty({nnz}, features.options());
+  std::copy(jac.ptr.begin(), jac.ptr.end(), crow.data_ptr<int64_t>());
+  int64_t* colp = col.data_ptr<int64_t>();
+  float* valp = values.data_ptr<float>();
+  at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      colp[p] = jac.col[p];
+      valp[p] = static_cast<float>(jac.val[p]);
+    }
+  });
+  return {crow, col, values};
+}
+
+}  // namespace
+}  // namespace vireid
+
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("kreciprocal_jaccard", &vireid::kreciprocal_jaccard_cpu); }

@@ -1,0 +1,397 @@
+// Exact k nearest neighbours, streamed in tiles: GEMM per tile (ATen, fp32 or bf16) + a running candidate merge,
+// then an exact float64 re-score of the candidates.
+//
+// Definition of the result (shared by every backend and by knn_ref): score(i, j) = sum_t x_it * y_jt evaluated in
+// float64 from the float32 inputs (each product is exact in float64); "ip" ranks by the largest score, "l2" by the
+// smallest ||x_i||^2 + ||y_j||^2 - 2 score; equal keys go to the lower index. The tile GEMM only proposes
+// candidates: every approximate score carries a rigorous error bound delta, each row keeps the top-C approximate
+// candidates, and the exact top-k is guaranteed to lie among them when the C-th kept score is more than the bound
+// below the k-th lower bound. Rows where that check fails are redone: by an fp32 candidate pass after a bf16 search,
+// by an exact scan after an fp32 one. So the bf16 candidate search returns bit-identical results to the fp32 one; the
+// precision only changes the speed.
+// Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace vireid {
+namespace {
+
+constexpr int64_t kTileRows = 1024;
+constexpr int64_t kTileCols = 1024;
+
+constexpr int64_t kChunk = 16;
+
+VIREID_ALWAYS_INLINE float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+VIREID_ALWAYS_INLINE float load_score(float v) { return v; }
+VIREID_ALWAYS_INLINE float load_score(uint16_t v) { return bf16_to_float(v); }
+
+const uint16_t* bf16_rows(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+
+
+// Rounds row r of x (d floats) to bf16 (nearest even; inputs are finite) into out, and returns the squared norms of
+// the rounded row and of the rounding residual x - bf16(x) (exact in float32).
+template <typename T>
+VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int64_t d, double* low2, double* err2) {
+  float a_low[16] = {0}, a_err[16] = {0};
+  int64_t t = 0;
+  for (; t + 16 <= d; t += 16) {
+    for (int u = 0; u < 16; ++u) {
+      uint32_t bits;
+      std::memcpy(&bits, &x[t + u], sizeof(bits));
+      bits += 0x7FFFu + ((bits >> 16) & 1u);
+      const uint16_t b = static_cast<uint16_t>(bits >> 16);
+      out[t + u] = b;
+      const float low = bf16_to_float(b);
+      const float err = x[t + u] - low;
+      a_low[u] += low * low;
+      a_err[u] += err * err;
+    }
+  }
+  for (int u = 0; t < d; ++t, ++u) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[t], sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);
+    out[t] = static_cast<uint16_t>(bits >> 16);
+    const float low = bf16_to_float(out[t]);
+    const float err = x[t] - low;
+    a_low[u] += low * low;
+    a_err[u] += err * err;
+  }
+  double sl = 0, se = 0;
+  for (int u = 0; u < 16; ++u) {
+    sl += a_low[u];
+    se += a_err[u];
+  }
+  *low2 = sl;
+  *err2 = se;
+}
+VIREID_MULTIVERSION(round_row_bf16)
+
+// bf16 copy of x (R, d) and, per row, the norms of the copy and of the rounding residual.
+at::Tensor to_bf16_with_norms(const at::Tensor& x, std::vector<double>& nlow, std::vector<double>& nerr) {
+  const int64_t R = x.size(0), d = x.size(1);
+  at::Tensor out = at::empty({R, d}, x.options().dtype(at::kBFloat16));
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
+  const float* xp = x.data_ptr<float>();
+  nlow.resize(R);
+  nerr.resize(R);
+  at::parallel_for(0, R, 64, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      double l2, e2;
+      round_row_bf16<float>(xp + r * d, op + r * d, d, &l2, &e2);
+      // float accumulation of d squares: relative error < d * 2^-24, covered by the bound's safety factor.
+      nlow[r] = std::sqrt(l2);
+      nerr[r] = std::sqrt(e2);
+    }
+  });
+  return out;
+}
+
+struct Cand {
+  float score;  // approximate score, larger is better (l2: dot - ||y||^2 / 2)
+  int32_t index;
+};
+
+// a ranks before b: larger score, then lower index.
+inline bool ranks_before(float sa, int32_t ia, float sb, int32_t ib) { return sa > sb || (sa == sb && ia < ib); }
+
+struct BestFirst {
+  bool operator()(const Cand& a, const Cand& b) const { return ranks_before(a.score, a.index, b.score, b.index); }
+};
+
+// Merges one row of scores (columns j0..j0+ncols, minus sub) into a row's candidates: an unsorted buffer h of up to
+// 2C + kChunk entries, cut back to the best C (nth_element) once it holds more than 2C; *cut is the C-th best at the
+// last cut. A vectorised check per chunk skips the chunks holding no score >= the cut; the others are appended
+// branch-free (entries ranking after the cut are dropped at the next cut anyway).
+template <typename T>
+VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
+                                            int64_t C, int64_t* n_io, Cand* cut_io) {
+  int64_t n = *n_io;
+  Cand cut = *cut_io;
+  for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
+    const int64_t c1 = std::min(ncols, c0 + kChunk);
+    int any = 0;
+    for (int64_t c = c0; c < c1; ++c) any |= (load_score(s_row[c]) - sub[c]) >= cut.score;
+    if (!any) continue;
+    if (n > 2 * C) {
+      std::nth_element(h, h + (C - 1), h + n, BestFirst());
+      cut = h[C - 1];
+      n = C;
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const float s = load_score(s_row[c]) - sub[c];
+      h[n] = {s, static_cast<int32_t>(j0 + c)};
+      n += s >= cut.score;
+    }
+  }
+  *n_io = n;
+  *cut_io = cut;
+}
+VIREID_MULTIVERSION(merge_scores)
+
+template <typename T>
+VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
+  // Float products are exact in float64; eight fixed accumulators give the same sum on every ISA.
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t t = 0;
+  for (; t + 8 <= d; t += 8) {
+    for (int u = 0; u < 8; ++u) acc[u] += static_cast<double>(a[t + u]) * static_cast<double>(b[t + u]);
+  }
+  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * static_cast<double>(b[t]);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+VIREID_MULTIVERSION(dot_exact)
+
+// Exact keys (smaller is better) of candidates `idx` for query row x_i.
+template <typename T>
+VIREID_ALWAYS_INLINE void exact_keys_body(const float* xi, double nx2, const float* y, const double* ny2, int64_t d,
+                                          bool l2, const int32_t* idx, int64_t n, double* key) {
+  for (int64_t c = 0; c < n; ++c) {
+    const double s = dot_exact_body<T>(xi, y + static_cast<int64_t>(idx[c]) * d, d);
+    key[c] = l2 ? nx2 + ny2[idx[c]] - 2.0 * s : -s;
+  }
+}
+VIREID_MULTIVERSION(exact_keys)
+
+struct Exact {
+  double key;
+  int32_t index;
+  bool operator<(const Exact& o) const { return key < o.key || (key == o.key && index < o.index); }
+};
+
+// Writes the k best of `pool` (exact keys) to the output row.
+void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_t* inds) {
+  std::partial_sort(pool.begin(), pool.begin() + k, pool.end());
+  for (int64_t t = 0; t < k; ++t) {
+    const double key = pool[t].key;
+    vals[t] = static_cast<float>(l2 ? std::max(key, 0.0) : -key);
+    inds[t] = pool[t].index;
+  }
+}
+
+double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
+
+// Searches every row of x against y, writing the exact top-k to vp/ip (row-major, k per row). Rows whose candidate
+// margin is too thin are either redone here by an exact scan (bf16 == false) or returned for an fp32 pass.
+std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t k, bool l2, bool bf16, bool self,
+                              float* vp, int64_t* ip) {
+  const int64_t N = x.size(0), M = y.size(0), d = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* yp = y.data_ptr<float>();
+  // ---- norms and the error bound of the approximate scores ----
+  std::vector<double> nx2(N), ny2(M);
+  at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) nx2[i] = row_sq_norm(xp + i * d, d);
+  });
+  at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) ny2[j] = row_sq_norm(yp + j * d, d);
+  });
+  double ny_max = 0, ny2_max = 0;
+  for (int64_t j = 0; j < M; ++j) ny2_max = std::max(ny2_max, ny2[j]);
+  ny_max = std::sqrt(ny2_max);
+  const double u32 = std::ldexp(1.0, -24);
+  const double gamma = (d + 2) * u32 / (1.0 - (d + 2) * u32);  // accumulation error factor of any fp32 summation
+  at::Tensor xa, ya;                                           // the GEMM operands
+  std::vector<double> bound(N);                                // absolute part of delta_i
+  double rel = 0.0;                                            // relative part (of |approximate score|)
+  if (bf16) {
+    std::vector<double> nxa, nxe, nya, nye;
+    xa = to_bf16_with_norms(x, nxa, nxe);
+    if (self) {
+      ya = xa;
+      nya = nxa;
+      nye = nxe;
+    } else {
+      ya = to_bf16_with_norms(y, nya, nye);
+    }
+    const double nya_max = *std::max_element(nya.begin(), nya.end());
+    const double nye_max = *std::max_element(nye.begin(), nye.end());
+    const double ub = std::ldexp(1.0, -8);
+    rel = ub / (1.0 - ub);
+    for (int64_t i = 0; i < N; ++i)
+      bound[i] = gamma * nxa[i] * nya_max * (1.0 + rel) + nxe[i] * ny_max + nxa[i] * nye_max;
+  } else {
+    xa = x;
+    ya = y;
+    // If matmuls may run in reduced precision (torch.set_float32_matmul_precision), bound them like bf16 inputs.
+    const bool reduced = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+    const double input_err = reduced ? 2.0 * std::ldexp(1.0, -8) : 0.0;
+    for (int64_t i = 0; i < N; ++i) bound[i] = (gamma + input_err) * std::sqrt(nx2[i]) * ny_max;
+  }
+  // The l2 score dot - ||y||^2/2 is formed in float: two more roundings.
+  std::vector<float> nyh(M, 0.0f);  // ip: zeros
+  if (l2) {
+    for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
+    for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
+    // The relative part applies to the GEMM output |dot| <= |score| + ||y||^2/2, not to the score itself.
+    for (int64_t i = 0; i < N; ++i) bound[i] += rel * 0.5 * ny2_max * (1.0 + 4.0 * u32);
+  }
+  const double safety = 1.25;  // covers the rounding of the norms above
+  for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
+  rel *= safety;
+
+  // ---- tiled candidate search ----
+  const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
+  const int64_t cap = 2 * C + kChunk;  // the buffer is cut back to C once it holds more than 2C
+  std::vector<Cand> heaps(static_cast<size_t>(N) * cap);
+  std::vector<int64_t> sizes(N, 0);
+  // Before the first cut every score enters: the cut starts as the worst possible entry.
+  std::vector<Cand> cuts(N, Cand{-std::numeric_limits<float>::infinity(), std::numeric_limits<int32_t>::max()});
+  auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols) {
+    Cand* h = heaps.data() + i * cap;
+    if (s_row)
+      merge_scores<float>(s_row, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
+    else
+      merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
+  };
+  for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
+    const int64_t i1 = std::min(N, i0 + kTileRows);
+    const at::Tensor xb = xa.slice(0, i0, i1);
+    for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
+      const int64_t j1 = std::min(M, j0 + kTileCols);
+      at::Tensor tile = at::mm(xb, ya.slice(0, j0, j1).t()).contiguous();
+      const int64_t nc = j1 - j0;
+      at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          if (bf16)
+            merge_row(i, nullptr, bf16_rows(tile) + (i - i0) * nc, j0, nc);
+          else
+            merge_row(i, tile.data_ptr<float>() + (i - i0) * nc, nullptr, j0, nc);
+        }
+      });
+      // Symmetric search: the same tile, transposed, serves rows j0..j1 against columns i0..i1.
+      if (self && j0 > i0) {
+        const at::Tensor tt = tile.t().contiguous();
+        const int64_t nr = i1 - i0;
+        at::parallel_for(j0, j1, 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            if (bf16)
+              merge_row(i, nullptr, bf16_rows(tt) + (i - j0) * nr, i0, nr);
+            else
+              merge_row(i, tt.data_ptr<float>() + (i - j0) * nr, nullptr, i0, nr);
+          }
+        });
+      }
+    }
+  }
+
+  // ---- exact re-score of the candidates that can still be in the top k ----
+  std::vector<char> overflow(N, 0);
+  at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
+    std::vector<double> lower(C);
+    std::vector<int32_t> idx;
+    std::vector<double> keys;
+    std::vector<Exact> pool;
+    for (int64_t i = b; i < e; ++i) {
+      Cand* h = heaps.data() + i * cap;
+      int64_t n = sizes[i];
+      const bool dropped = n > C || cuts[i].index != std::numeric_limits<int32_t>::max();
+      if (n > C) {
+        std::nth_element(h, h + (C - 1), h + n, BestFirst());
+        n = C;
+      }
+      Cand worst = h[0];
+      for (int64_t c = 1; c < n; ++c)
+        if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
+      auto delta = [&](float s) { return bound[i] + rel * std::fabs(static_cast<double>(s)); };
+      // L = k-th largest lower bound: the exact k-th best score is at least L.
+      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c].score);
+      std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
+      const double L = lower[k - 1];
+      // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
+      if (dropped && static_cast<double>(worst.score) + delta(worst.score) >= L) {
+        overflow[i] = 1;
+        continue;
+      }
+      idx.clear();
+      for (int64_t c = 0; c < n; ++c)
+        if (static_cast<double>(h[c].score) + delta(h[c].score) >= L) idx.push_back(h[c].index);
+      keys.resize(idx.size());
+      exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, idx.data(), static_cast<int64_t>(idx.size()),
+                        keys.data());
+      pool.resize(idx.size());
+      for (size_t c = 0; c < idx.size(); ++c) pool[c] = {keys[c], idx[c]};
+      write_row(pool, k, l2, vp + i * k, ip + i * k);
+    }
+  });
+  // Rows whose candidate margin was too thin (near-ties beyond C): exact scan over all of y.
+  std::vector<int64_t> redo;
+  for (int64_t i = 0; i < N; ++i)
+    if (overflow[i]) redo.push_back(i);
+  if (bf16) return redo;
+  if (!redo.empty()) {
+    std::vector<int32_t> all(M);
+    for (int64_t j = 0; j < M; ++j) all[j] = static_cast<int32_t>(j);
+    at::parallel_for(0, static_cast<int64_t>(redo.size()), 1, [&](int64_t b, int64_t e) {
+      std::vector<double> keys(M);
+      std::vector<Exact> pool(M);
+      for (int64_t r = b; r < e; ++r) {
+        const int64_t i = redo[r];
+        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, all.data(), M, keys.data());
+        for (int64_t j = 0; j < M; ++j) pool[j] = {keys[j], static_cast<int32_t>(j)};
+        write_row(pool, k, l2, vp + i * k, ip + i * k);
+      }
+    });
+  }
+  return {};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
+                                           c10::string_view metric_sv, c10::string_view precision_sv) {
+  const std::string metric(metric_sv), precision(precision_sv);
+  TORCH_CHECK(x_in.dim() == 2 && y_in.dim() == 2, "vireid::knn: x and y must be 2-D, got ", x_in.sizes(), " and ",
+              y_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat,
+              "vireid::knn: x and y must be float32");
+  TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
+  TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
+  TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
+  const int64_t N = x_in.size(0), M = y_in.size(0), d = x_in.size(1);
+  TORCH_CHECK(M > 0 && d > 0, "vireid::knn: y must be non-empty");
+  TORCH_CHECK(k >= 1 && k <= M, "vireid::knn: k must be in [1, M=", M, "], got ", k);
+  TORCH_CHECK(M < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 database rows");
+  const bool l2 = metric == "l2";
+  const bool self = x_in.is_same(y_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = self ? x : y_in.contiguous();
+  at::Tensor values = at::empty({N, k}, x.options());
+  at::Tensor indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  const std::vector<int64_t> redo = knn_impl(x, y, k, l2, precision == "bf16", self, vp, ip);
+  if (!redo.empty()) {
+    // bf16 margins too thin for these rows: an fp32 candidate pass over them (same exact result).
+    const int64_t R = static_cast<int64_t>(redo.size());
+    const at::Tensor rows = at::from_blob(const_cast<int64_t*>(redo.data()), {R}, at::kLong).clone();
+    const at::Tensor xr = x.index_select(0, rows).contiguous();
+    std::vector<float> rv(R * k);
+    std::vector<int64_t> ri(R * k);
+    knn_impl(xr, y, k, l2, false, false, rv.data(), ri.data());
+    for (int64_t r = 0; r < R; ++r) {
+      std::copy(rv.begin() + r * k, rv.begin() + (r + 1) * k, vp + redo[r] * k);
+      std::copy(ri.begin() + r * k, ri.begin() + (r + 1) * k, ip + redo[r] * k);
+    }
+  }
+  return {values, indices};
+}
+
+}  // namespace
+}  // namespace vireid
+
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("knn", &vireid::knn_cpu); }

@@ -1,0 +1,88 @@
+"""k-reciprocal Jaccard distance, the community's ``compute_jaccard_distance`` (spec: shared/spec/jaccard.md).
+
+Dense output equals the community's (N, N) float32 array; sparse output is a CSR tensor holding only the entries < 1
+(all others are exactly 1.0), computed without any N x N allocation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _registry
+from ._validation import FLOAT_DTYPES, check_finite, check_int, check_tensor, tracing
+from .knn import knn
+from .reference import kreciprocal_jaccard_ref
+
+__all__ = ["csr_to_dense", "kreciprocal_jaccard", "kreciprocal_jaccard_ref"]
+
+
+def _jaccard_fake(features, initial_rank, rank_sim, k2, modality):
+    n = features.shape[0]
+    nnz = torch.library.get_ctx().new_dynamic_size()
+    return (features.new_empty((n + 1,), dtype=torch.int64), features.new_empty((nnz,), dtype=torch.int64),
+            features.new_empty((nnz,)))
+
+
+_registry.register("kreciprocal_jaccard", reference=kreciprocal_jaccard_ref, fake=_jaccard_fake)
+
+
+def csr_to_dense(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int,
+                 fill: float = 1.0) -> torch.Tensor:
+    """(N, N) float32 matrix equal to ``fill`` except at the CSR entries."""
+    dense = torch.full((n, n), fill, dtype=values.dtype, device=values.device)
+    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
+    dense[rows, col] = values
+    return dense
+
+
+def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sparse: bool = False,
+                        modality: torch.Tensor | None = None, precision: str = "auto") -> torch.Tensor:
+    """k-reciprocal Jaccard distance between all rows of ``features``.
+
+    Args:
+        features: (N, d) float32 (other float dtypes are cast), L2-normalised as the community code expects.
+        k1: k-reciprocal neighbourhood size, 1 <= k1 < N (callers use 20, 30, 40).
+        k2: query-expansion size, 1 <= k2 <= k1 (1 = none).
+        sparse: return a ``torch.sparse_csr_tensor`` holding only the entries < 1 (others are 1.0) instead of the
+            dense (N, N) float32 tensor.
+        modality: optional (N,) integer tensor of 0/1 (visible/infrared): PCLHD's modality-invariant query expansion
+            (the mean of each modality's rows among R[i][:k2], then the mean of the modalities present).
+        precision: the kNN candidate search (see :func:`vireid_fast.ops.knn`); the result does not depend on it.
+    Returns:
+        (N, N) float32 dense tensor, or a CSR tensor of that shape with float32 values.
+    """
+    check_tensor("features", features, dims=(2,), dtypes=FLOAT_DTYPES)
+    n = features.shape[0]
+    check_int("k1", k1, 1)
+    check_int("k2", k2, 1)
+    if k1 >= n:
+        raise ValueError(f"k1={k1} must be smaller than the number of features N={n}; pass k1 <= {n - 1}")
+    if k2 > k1:
+        raise ValueError(f"k2={k2} must be <= k1={k1}")
+    feats = features.float().contiguous()
+    check_finite("features", feats)
+    mod = None
+    if modality is not None:
+        check_tensor("modality", modality, dims=(1,))
+        if modality.shape[0] != n or modality.dtype.is_floating_point or modality.dtype == torch.bool:
+            raise ValueError(f"modality must be an (N,)={n} integer tensor of 0/1, got {tuple(modality.shape)} "
+                             f"{modality.dtype}")
+        mod = modality.to(device=feats.device, dtype=torch.int64).contiguous()
+        if not tracing() and not bool(((mod == 0) | (mod == 1)).all()):
+            raise ValueError("modality must hold only 0 (visible) and 1 (infrared)")
+    # Nearest by inner product (the spec's order for L2-normalised features); the products are reused in step 4.
+    sim, rank = knn(feats, k1, metric="ip", precision=precision)
+    backend = _registry.choose_backend("kreciprocal_jaccard", feats.device)
+    if backend == "reference":
+        crow, col, values = kreciprocal_jaccard_ref(feats, rank, sim, k2, mod)
+    elif backend == "triton" and feats.device.type == "cpu":
+        crow, col, values = _registry.triton_module("kreciprocal_jaccard").launch(feats, rank, sim, k2, mod)
+    else:
+        crow, col, values = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, k2, mod)
+    if sparse:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+    return csr_to_dense(crow, col, values, n)

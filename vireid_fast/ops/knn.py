@@ -1,0 +1,81 @@
+"""Exact k nearest neighbours (the kNN step of the k-reciprocal Jaccard distance), streamed in tiles.
+
+``knn`` never forms the N x M score matrix: each tile of scores comes from one GEMM and is merged into per-row
+candidate lists, then the candidates are re-scored exactly. The result is defined independently of the GEMM: scores
+are float64 sums of the float32 products, ties go to the lower index (faiss breaks them arbitrarily).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _registry
+from ._validation import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor
+from .reference import knn_ref
+
+__all__ = ["knn", "knn_ref"]
+
+METRICS = ("ip", "l2")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _knn_fake(x, y, k, metric, precision):
+    return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int64)
+
+
+_registry.register("knn", reference=knn_ref, fake=_knn_fake)
+
+
+def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
+    # Large searches on CPUs with native bf16 dot products: the bf16 GEMM is ~3-4x faster, and rows whose candidate
+    # margin overflows only pay an extra fp32 pass over themselves (the result is exact either way).
+    if x.device.type != "cpu" or x.shape[0] * m * x.shape[1] < 2**30:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str = "ip",
+        precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of every row of ``x`` among the rows of ``y`` (default ``x`` itself, the row included).
+
+    Args:
+        x: (N, d) float32 queries (other float dtypes are cast to float32).
+        k: neighbours per row, 1 <= k <= M.
+        y: (M, d) database, same device; default ``x``.
+        metric: ``"ip"`` (largest inner product first) or ``"l2"`` (smallest squared Euclidean distance first).
+        precision: candidate search GEMM: ``"fp32"``, ``"bf16"`` or ``"auto"``. It changes the speed only: the
+            candidates are re-scored exactly, so every choice returns the same result.
+    Returns:
+        values (N, k) float32 (inner products, or squared distances), indices (N, k) int64, best first; equal scores
+        go to the lower index.
+    """
+    check_tensor("x", x, dims=(2,), dtypes=FLOAT_DTYPES)
+    if y is not None:
+        check_tensor("y", y, dims=(2,), dtypes=FLOAT_DTYPES)
+        check_same_device(x=x, y=y)
+        if y.shape[1] != x.shape[1]:
+            raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    m = x.shape[0] if y is None else y.shape[0]
+    check_int("k", k, 1)
+    if k > m:
+        raise ValueError(f"k={k} is larger than the number of database rows ({m}); pass k <= {m}")
+    xf = x.float().contiguous()
+    yf = xf if y is None else y.float().contiguous()
+    check_finite("x", xf)
+    if y is not None:
+        check_finite("y", yf)
+    if precision == "auto":
+        precision = "bf16" if _bf16_worthwhile(xf, m) else "fp32"
+    backend = _registry.choose_backend("knn", xf.device)
+    if backend == "reference":
+        return knn_ref(xf, yf, k, metric, precision)
+    if backend == "triton" and xf.device.type == "cpu":
+        return _registry.triton_module("knn").launch(xf, yf, k, metric, precision)
+    return torch.ops.vireid.knn(xf, yf, k, metric, precision)
