@@ -54,6 +54,9 @@ def test_train_then_eval_from_the_command_line(tmp_path_factory, tmp_path, capsy
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data-root", root]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "(epoch 1)" in line and "mAP" in line and "mINP" in line
+    assert main(["train", "--data-root", root, "--output-dir", str(out), "--no-progress", "--resume", *TINY_OVERRIDES,
+                 "train.epochs=2"]) == 0
+    assert "trained (epoch 2)" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data-root", root, "--rerank"]) == 0
     assert "with re-ranking" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--rerank", "--cmfp", "3"]) == 2

@@ -59,6 +59,10 @@ def cmd_train(args) -> int:
     from .config import ConfigError, load_config
     from .engine import Trainer
 
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+        # `--resume train.epochs=60`: argparse took the override for the optional CKPT argument
+        args.overrides.insert(0, args.resume)
+        args.resume = True
     path = args.config or DEMO_CONFIG
     if args.config is None and not os.path.isfile(DEMO_CONFIG):
         print(f"the demo config {DEMO_CONFIG} is missing: run from a source checkout or pass --config", file=sys.stderr)
