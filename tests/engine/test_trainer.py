@@ -92,3 +92,18 @@ def test_resume_refuses_other_config_and_truncated_file(root, tmp_path):
         f.write(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="truncated"):
         Trainer(tiny_config(out, "train.epochs=2"), data_root=root, log=quiet, resume=True)
+
+
+def test_ema_encoder_follows_and_is_checkpointed(root, tmp_path):
+    from vireid_fast.engine import load_checkpoint
+
+    out = tmp_path / "ema"
+    trainer = Trainer(tiny_config(str(out), "train.epochs=1", "eval.eval_untrained=false", "model.use_ema=true",
+                                  "model.ema_beta=0.5"), data_root=root, log=quiet, progress=False)
+    initial = trainer.ema.module.layer1[0].conv1.weight.clone()
+    trainer.fit()
+    ema_weight = trainer.ema.module.layer1[0].conv1.weight
+    assert not torch.equal(ema_weight, initial)
+    assert not torch.equal(ema_weight, trainer.encoder.layer1[0].conv1.weight)
+    state = load_checkpoint(str(out / "checkpoint.pt"))
+    assert torch.equal(state["ema"]["layer1.0.conv1.weight"], ema_weight)

@@ -371,8 +371,8 @@ class Trainer:
         if self.start_epoch == 0 and cfg.eval.eval_untrained:
             t0 = time.perf_counter()
             result = self.evaluate()
-            self.metrics.append({"epoch": 0, **result, "time/eval": time.perf_counter() - t0}) if self.is_main \
-                else None
+            if self.is_main:
+                self.metrics.append({"epoch": 0, **result, "time/eval": time.perf_counter() - t0})
             self.log(f"untrained: Rank-1 {result['rank1']:.2f}  mAP {result['mAP']:.2f}  mINP {result['mINP']:.2f}")
         final = None
         for epoch in range(self.start_epoch, cfg.train.epochs):
