@@ -1,1 +1,6 @@
-"""The training engine: epoch loop, hooks, checkpoints, distributed helpers."""
+"""The training engine: :class:`Trainer`, checkpoints, multi-process helpers, metrics."""
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .trainer import TrainBatch, Trainer
+
+__all__ = ["CheckpointError", "TrainBatch", "Trainer", "load_checkpoint", "save_checkpoint"]

@@ -1,0 +1,31 @@
+"""A tiny synthetic dataset and config for fast engine tests (generated once per session)."""
+
+from __future__ import annotations
+
+import os
+
+TINY_OVERRIDES = [
+    "data.dataset=synthetic", "data.image_size=[32, 16]", "data.cache_images=true",
+    "model.arch=small_resnet", "model.widths=[8, 16, 16, 32]", "model.non_local=false",
+    "cluster.eps=0.7", "cluster.min_samples=2", "cluster.k1=6", "cluster.k2=2",
+    "train.iters=2", "train.num_identities=2", "train.num_instances=2", "train.eval_every=1",
+    "train.padding=2", "eval.batch_size=64", "eval.trials=1", "experiment.deterministic=true",
+    "experiment.threads=1",
+]
+
+
+def tiny_root(tmp_path_factory) -> str:
+    """The tiny synthetic set (24 identities, 32x16 images) shared by the whole test session."""
+    from vireid_fast.data.synthetic import generate
+
+    base = tmp_path_factory.getbasetemp()
+    root = os.path.join(str(base), "tiny_synthetic")
+    if not os.path.isfile(os.path.join(root, "synthetic.json")):
+        generate(root, size="tiny", seed=0, image_size=(32, 16), workers=1)
+    return root
+
+
+def tiny_config(output_dir: str, *extra: str):
+    from vireid_fast.config import load_config
+
+    return load_config(None, TINY_OVERRIDES + [f"experiment.output_dir={output_dir}", *extra])

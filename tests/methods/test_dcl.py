@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from vireid_fast.methods import DCL, Method, cluster_means, get_method, register_method
+
+
+def test_cluster_means_excludes_outliers():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])
+    labels = torch.tensor([0, 0, 1, -1])
+    means = cluster_means(feats, labels)
+    assert means.shape == (2, 2) and means.is_contiguous()
+    torch.testing.assert_close(means[0], torch.tensor([0.7071068, 0.7071068]))
+    torch.testing.assert_close(means[1], torch.tensor([0.7071068, 0.7071068]))
+    assert cluster_means(feats, torch.full((4,), -1)).shape == (0, 2)
+
+
+class FakeTrainer:
+    device = torch.device("cpu")
+
+    def __init__(self, model):
+        self.model = model
+
+    def augment(self, images):
+        return images.float() / 255
+
+    def augment_channel(self, images):
+        return images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def gather(self, x):
+        return x
+
+
+def test_dcl_step_losses_and_memory_update():
+    from vireid_fast.config import load_config
+    from vireid_fast.engine import TrainBatch
+    from vireid_fast.models import small_resnet
+
+    torch.manual_seed(0)
+    model = small_resnet(widths=(8, 8, 8, 16))
+    params = load_config(None, ["method.momentum=0.5"]).method
+    method = DCL(params, FakeTrainer(model))
+    feats = {"visible": torch.nn.functional.normalize(torch.randn(12, 16), dim=1),
+             "infrared": torch.nn.functional.normalize(torch.randn(9, 16), dim=1)}
+    labels = {"visible": torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, -1, -1, 0]),
+              "infrared": torch.tensor([0, 0, 1, 1, 1, -1, 0, 1, 1])}
+    method.build_memories(feats, labels)
+    assert method.memories["visible"].shape == (3, 16) and method.memories["infrared"].shape == (2, 16)
+    before = {m: t.clone() for m, t in method.memories.items()}
+    images = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8)
+    batch = TrainBatch(images, torch.tensor([0, 0, 2, 2]), torch.arange(4), images.flip(0),
+                       torch.tensor([1, 1, 0, 0]), torch.arange(4))
+    losses = method.training_step(batch)
+    assert set(losses) == {"visible", "augmented", "infrared"}
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.requires_grad
+    total.backward()
+    # the memory rows of the batch's labels moved, the others did not
+    assert not torch.equal(method.memories["visible"][0], before["visible"][0])
+    assert torch.equal(method.memories["visible"][1], before["visible"][1])
+    assert not torch.equal(method.memories["infrared"][1], before["infrared"][1])
+    assert model.visible_stem.conv1.weight.grad is not None and model.infrared_stem.conv1.weight.grad is not None
+    restored = DCL(params, FakeTrainer(model))
+    restored.load_state(method.state())
+    assert torch.equal(restored.memories["visible"], method.memories["visible"])
+
+
+def test_registry():
+    assert get_method("dcl") is DCL
+    with pytest.raises(ValueError, match="unknown method"):
+        get_method("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("dcl")(type("Other", (Method,), {}))

@@ -1,0 +1,116 @@
+"""Opening the configured dataset (generating the synthetic one once into a cache folder) and its test protocol."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..data import INFRARED, VISIBLE, ImageRecord, create_dataset
+
+
+def cache_dir() -> str:
+    """``$VIREID_CACHE`` or ``$XDG_CACHE_HOME/vireid_fast`` or ``~/.cache/vireid_fast``."""
+    if os.environ.get("VIREID_CACHE"):
+        return os.environ["VIREID_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vireid_fast")
+
+
+def generator_fingerprint() -> str:
+    """Short hash of the generator's source: a changed generator gets a new cache folder, never stale images."""
+    from ..data import synthetic
+
+    with open(synthetic.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:10]
+
+
+def synthetic_root(size: str, ids: int, seed: int) -> str:
+    return os.path.join(cache_dir(), f"synthetic-{size}-ids{ids or 'preset'}-seed{seed}-{generator_fingerprint()}")
+
+
+def ensure_synthetic(root: str, size: str, ids: int, seed: int, log=print) -> str:
+    """Generate the synthetic dataset at ``root`` unless it is already complete there (written to a temporary
+    folder and renamed, so an interrupted generation never leaves a partial dataset under the real name)."""
+    if os.path.isfile(os.path.join(root, "synthetic.json")):
+        return root
+    if os.path.isdir(root) and os.listdir(root):
+        raise FileExistsError(f"{root} exists but holds no complete synthetic dataset (no synthetic.json); remove "
+                              "it or choose another data.root")
+    from ..data.synthetic import generate
+
+    tmp = f"{root}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"generating the synthetic dataset ({size}, seed {seed}) into {root} ...")
+    summary = generate(tmp, ids=ids or None, seed=seed, size=size)
+    if os.path.isdir(root):
+        os.rmdir(root)
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    os.replace(tmp, root)
+    log(f"  {summary['images']} images of {summary['ids']} identities in {summary['seconds']:.1f} s")
+    return root
+
+
+def resolve_root(config, data_root: str | None, log=print) -> str:
+    data = config.data
+    root = data_root or data.root
+    if data.dataset == "synthetic":
+        root = root or synthetic_root(data.synthetic_size, data.synthetic_ids, config.experiment.seed)
+        return ensure_synthetic(os.path.abspath(os.path.expanduser(root)), data.synthetic_size, data.synthetic_ids,
+                                config.experiment.seed, log)
+    if not root:
+        raise ValueError(f"data.root is empty: pass --data-root DIR (the {data.dataset} folder) or set data.root")
+    return root
+
+
+def open_dataset(config, root: str):
+    name = config.data.dataset
+    options = {"trial": config.data.trial} if name in ("regdb", "regdb_prepared") else {}
+    if name == "synthetic":
+        name = "sysu_mm01"  # the synthetic set is written in the SYSU-MM01 layout (already generated here)
+    return create_dataset(name, root, **options)
+
+
+@dataclass
+class TestSet:
+    """Query and gallery images of one evaluation (gallery trials share the gallery image list)."""
+
+    protocol: str
+    query: list[ImageRecord]
+    gallery: list[ImageRecord]
+    gallery_trials: list[np.ndarray]  # per trial: indices into ``gallery``
+
+
+def _records(paths, pids, camids, modality) -> list[ImageRecord]:
+    return [ImageRecord(p, int(i), int(c), modality) for p, i, c in zip(paths, pids, camids, strict=True)]
+
+
+def build_test_set(config, dataset, root: str) -> TestSet:
+    """SYSU-MM01 layout (incl. synthetic): infrared query, visible gallery sampled per trial (``eval.trials``, seeds
+    0..trials-1, ``eval.mode``); RegDB and prepared layouts: the reader's query and gallery."""
+    name = config.data.dataset
+    if name in ("sysu_mm01", "synthetic"):
+        from ..eval import sysu_gallery, sysu_query
+
+        q_paths, q_pids, q_cams = sysu_query(root, config.eval.mode)
+        gallery: list[ImageRecord] = []
+        position: dict[str, int] = {}
+        trials = []
+        for trial in range(config.eval.trials):
+            paths, pids, cams = sysu_gallery(root, config.eval.mode, trial=trial)
+            chosen = []
+            for record in _records(paths, pids, cams, VISIBLE):
+                if record.path not in position:
+                    position[record.path] = len(gallery)
+                    gallery.append(record)
+                chosen.append(position[record.path])
+            trials.append(np.asarray(chosen, dtype=np.int64))
+        return TestSet("sysu", _records(q_paths, q_pids, q_cams, INFRARED), gallery, trials)
+    protocol = "regdb" if name.startswith("regdb") else "sysu"
+    if not dataset.query or not dataset.gallery:
+        raise ValueError(f"dataset {name} at {root} defines no query/gallery split to evaluate on")
+    return TestSet(protocol, list(dataset.query), list(dataset.gallery),
+                   [np.arange(len(dataset.gallery), dtype=np.int64)])
