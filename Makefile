@@ -54,7 +54,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m vireid_fast.demo
+	$(PY) -m vireid_fast.cli train
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
