@@ -5,15 +5,8 @@ import pytest
 import scipy.sparse
 from sklearn.cluster import DBSCAN
 
+from tests.golden_utils import golden_dense
 from vireid_fast.compat.clustercontrast import cluster, compute_jaccard_distance, compute_jaccard_distance_sparse
-
-
-def golden_dense(g, k1, k2):
-    n = g["features"].shape[0]
-    dense = np.ones((n, n), dtype=np.float32)
-    p = f"k1_{k1}_k2_{k2}"
-    dense[g[p + "_rows"], g[p + "_cols"]] = g[p + "_vals"]
-    return dense
 
 
 @pytest.mark.parametrize("k1, k2", [(20, 6), (30, 6), (30, 1)])

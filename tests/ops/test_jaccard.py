@@ -6,18 +6,11 @@ import pytest
 import torch
 
 import vireid_fast  # noqa: F401
+from tests.golden_utils import golden_dense
 from vireid_fast.ops import knn, kreciprocal_jaccard
 from vireid_fast.ops.reference import kreciprocal_jaccard_ref
 
 SETTINGS = [(20, 6), (30, 6), (30, 1)]
-
-
-def golden_dense(g, k1, k2):
-    n = g["features"].shape[0]
-    dense = np.ones((n, n), dtype=np.float32)
-    p = f"k1_{k1}_k2_{k2}"
-    dense[g[p + "_rows"], g[p + "_cols"]] = g[p + "_vals"]
-    return dense
 
 
 def clustered(n, d, ids, seed, spread=0.6):
