@@ -92,33 +92,6 @@ VIREID_ALWAYS_INLINE void axpy_body(T* out, const T* x, T w, int64_t d) {
 }
 VIREID_MULTIVERSION(axpy)
 
-// out (rows x width, contiguous) = lhs (rows x d) @ rhs (width x d)^T. For float32 the product goes through oneDNN
-// when torch has it, in column blocks (bounded conversion copies): on this project's AMD CPUs MKL's sgemm takes its
-// AVX2 "zen" path and oneDNN's AVX-512 kernel is about twice as fast. Both are plain fp32 GEMMs.
-// The oneDNN path is taken only when torch's fp32 matmul precision is full (the default "highest" / "ieee"); when the
-// user has allowed reduced precision globally, the GEMM is left to at::mm, which follows that setting.
-bool full_fp32_matmul() {
-  auto& ctx = at::globalContext();
-  if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
-  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
-  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
-}
-
-template <typename T>
-void panel_gemm(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
-  if (std::is_same<T, float>::value && at::hasMKLDNN() && full_fp32_matmul()) {
-    constexpr int64_t kBlock = 2048;
-    const at::Tensor lhs_m = lhs.contiguous().to_mkldnn();
-    for (int64_t c = 0; c < rhs.size(0); c += kBlock) {
-      const int64_t cw = std::min(kBlock, rhs.size(0) - c);
-      const at::Tensor block = at::mkldnn_linear(lhs_m, rhs.narrow(0, c, cw).contiguous().to_mkldnn()).to_dense();
-      out.narrow(1, c, cw).copy_(block);
-    }
-    return;
-  }
-  at::mm_out(out, lhs, rhs.t());
-}
-
 // One column segment of a panel: values (rows x width, contiguous) at assembled columns [col0, col0 + width).
 template <typename T>
 struct Segment {
@@ -153,14 +126,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
     std::vector<Segment<T>> segs;
     if (i0 < nv) {
       seg_v.resize_({rows, nv - i0});
-      panel_gemm<T>(seg_v, lhs, fv.narrow(0, i0, nv - i0));
+      gemm_nt_out(seg_v, lhs, fv.narrow(0, i0, nv - i0));
       segs.push_back({seg_v.data_ptr<T>(), nv - i0, i0});
       seg_r.resize_({rows, nr});
-      panel_gemm<T>(seg_r, lhs, fr);
+      gemm_nt_out(seg_r, lhs, fr);
       segs.push_back({seg_r.data_ptr<T>(), nr, nv});
     } else {
       seg_r.resize_({rows, n - i0});
-      panel_gemm<T>(seg_r, lhs, fr.narrow(0, i0 - nv, n - i0));
+      gemm_nt_out(seg_r, lhs, fr.narrow(0, i0 - nv, n - i0));
       segs.push_back({seg_r.data_ptr<T>(), n - i0, i0});
     }
     // Rows of the panel: columns [i0, n) of rows [i0, i1); each segment lies in one block.

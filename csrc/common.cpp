@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -27,6 +28,27 @@ static Isa detect_isa() {
 Isa cpu_isa() {
   static const Isa isa = detect_isa();
   return isa;
+}
+
+static bool full_fp32_matmul() {
+  auto& ctx = at::globalContext();
+  if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
+  const auto p = ctx.float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return p != at::Float32Precision::BF16 && p != at::Float32Precision::TF32;
+}
+
+void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
+  if (lhs.scalar_type() == at::kFloat && at::hasMKLDNN() && full_fp32_matmul()) {
+    constexpr int64_t kBlock = 2048;  // bounds the conversion copies of rhs
+    const at::Tensor lhs_m = lhs.contiguous().to_mkldnn();
+    for (int64_t c = 0; c < rhs.size(0); c += kBlock) {
+      const int64_t cw = std::min(kBlock, rhs.size(0) - c);
+      const at::Tensor block = at::mkldnn_linear(lhs_m, rhs.narrow(0, c, cw).contiguous().to_mkldnn()).to_dense();
+      out.narrow(1, c, cw).copy_(block);
+    }
+    return;
+  }
+  at::mm_out(out, lhs, rhs.t());
 }
 
 }  // namespace vireid

@@ -82,6 +82,12 @@ enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 // Chosen once per process; VIREID_CPU_ISA=baseline|avx2|avx512 caps it (for testing the other paths).
 Isa cpu_isa();
 
+// out (rows x width, contiguous, preallocated) = lhs (rows x d) @ rhs (width x d)^T: a plain GEMM in lhs's dtype.
+// float32 goes through oneDNN when torch has it and fp32 matmul precision is full (the default): on AMD CPUs MKL's
+// sgemm takes its AVX2 "zen" path and oneDNN's AVX-512 kernel is about twice as fast. Otherwise at::mm_out, which
+// follows torch's matmul precision settings.
+void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
+
 }  // namespace vireid
 
 // Compiles a function body (an always-inline template `NAME##_body<T>`) three times, for AVX-512, AVX2+FMA and the

@@ -252,7 +252,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     const at::Tensor xb = xa.slice(0, i0, i1);
     for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
       const int64_t j1 = std::min(M, j0 + kTileCols);
-      at::Tensor tile = at::mm(xb, ya.slice(0, j0, j1).t()).contiguous();
+      at::Tensor tile = at::empty({i1 - i0, j1 - j0}, xa.options());
+      gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
       const int64_t nc = j1 - j0;
       at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
