@@ -25,12 +25,11 @@ namespace {
 
 constexpr int64_t kRowBlock = 64;
 
-// Row pass for rows [r0, r1): lse_i = log sum_j exp(g_j - lam C_ij). Writes the updated potential to f_new and
-// returns the partial L1 error sum_i |exp(f_i + lse_i) - a_i| of the plan as it stands (before the update).
+// Exact log-domain row update for rows [r0, r1): f_i = log a_i - lse_i, lse_i = log sum_j exp(g_j - lam C_ij),
+// max-shifted.
 template <typename T>
-VIREID_ALWAYS_INLINE double row_pass_body(const T* C, int64_t K, int64_t r0, int64_t r1, T lam, const T* g_t,
-                                          const double* a, const double* f, double* f_new, T* buf) {
-  double err = 0.0;
+VIREID_ALWAYS_INLINE void row_pass_body(const T* C, int64_t K, int64_t r0, int64_t r1, T lam, const T* g_t,
+                                        const double* a, double* f, T* buf) {
   for (int64_t i = r0; i < r1; ++i) {
     const T* c = C + i * K;
     T mx = -std::numeric_limits<T>::infinity();
@@ -42,10 +41,8 @@ VIREID_ALWAYS_INLINE double row_pass_body(const T* C, int64_t K, int64_t r0, int
     T s = 0;
     for (int64_t j = 0; j < K; ++j) s += exp_vec(buf[j] - mx);
     const double lse = static_cast<double>(mx) + std::log(static_cast<double>(s));
-    err += std::fabs(std::exp(f[i] + lse) - a[i]);
-    f_new[i] = std::log(a[i]) - lse;
+    f[i] = std::log(a[i]) - lse;
   }
-  return err;
 }
 VIREID_MULTIVERSION(row_pass)
 
@@ -191,7 +188,7 @@ void solve_one(const T* C, T* W, int64_t N, int64_t K, double lam_d, const doubl
     });
   };
   constexpr double kLow = 1e-8, kHigh = 1e8;  // scalings outside are absorbed into the potentials
-  std::vector<double> f(N, 0.0), f_new(N), g(K, 0.0), log_b(K), u(N, 1.0), u_new(N), v(K, 1.0), v_new(K);
+  std::vector<double> f(N, 0.0), g(K, 0.0), log_b(K), u(N, 1.0), u_new(N), v(K, 1.0), v_new(K);
   for (int64_t j = 0; j < K; ++j) log_b[j] = std::log(b[j]);
   std::vector<T> f_t(N), g_t(K, T(0)), gb_t(K), u_t(N, T(1)), v_t(K, T(1));
   std::vector<double> partial(parts * K), part_err(parts);
@@ -200,19 +197,22 @@ void solve_one(const T* C, T* W, int64_t N, int64_t K, double lam_d, const doubl
   auto sync = [&](const std::vector<double>& src, std::vector<T>& dst) {
     for (size_t i = 0; i < src.size(); ++i) dst[i] = static_cast<T>(src[i]);
   };
-  // Fold the scalings into the potentials and rebuild W = exp(f + g - lam C).
+  // W = exp(f + g - lam C) from the current potentials.
+  auto rebuild_kernel = [&]() {
+    for_parts([&](int64_t, int64_t r0, int64_t r1) { absorb<T>(C, W, K, r0, r1, lam_d, f.data(), g.data()); });
+  };
+  // Fold the scalings into the potentials and rebuild W.
   auto absorb_all = [&]() {
     for (int64_t i = 0; i < N; ++i) f[i] += std::log(u[i]), u[i] = 1.0, u_t[i] = T(1);
     for (int64_t j = 0; j < K; ++j) g[j] += std::log(v[j]), v[j] = 1.0, v_t[j] = T(1);
-    for_parts([&](int64_t p, int64_t r0, int64_t r1) { absorb<T>(C, W, K, r0, r1, lam_d, f.data(), g.data()); });
+    rebuild_kernel();
   };
   // Exact log-domain row update f_i = log a_i - LSE_j(g_j - lam C_ij) (v must be absorbed).
   auto row_update_log = [&]() {
     sync(g, g_t);
     for_parts([&](int64_t p, int64_t r0, int64_t r1) {
-      row_pass<T>(C, K, r0, r1, lam, g_t.data(), a, f.data(), f_new.data(), scratch.data() + p * K);
+      row_pass<T>(C, K, r0, r1, lam, g_t.data(), a, f.data(), scratch.data() + p * K);
     });
-    f.swap(f_new);
   };
   // Exact log-domain column update g_j = log b_j - LSE_i(f_i - lam C_ij), max-shifted (u must be absorbed).
   auto col_update_log = [&]() {
@@ -262,7 +262,7 @@ void solve_one(const T* C, T* W, int64_t N, int64_t K, double lam_d, const doubl
     // A column of W underflowed or drifted far: the same update, exactly, in the log domain.
     absorb_all();
     col_update_log();
-    for_parts([&](int64_t p, int64_t r0, int64_t r1) { absorb<T>(C, W, K, r0, r1, lam_d, f.data(), g.data()); });
+    rebuild_kernel();
   };
   // Measures the row error of P = diag(u) W diag(v) and prepares u_new with its column sums (in `partial`).
   auto sweep_rows = [&]() {
@@ -286,7 +286,7 @@ void solve_one(const T* C, T* W, int64_t N, int64_t K, double lam_d, const doubl
     for (int64_t j = 0; j < K; ++j) g[j] += std::log(v[j]), v[j] = 1.0, v_t[j] = T(1);
     for (int64_t i = 0; i < N; ++i) u[i] = 1.0, u_t[i] = T(1);
     row_update_log();
-    for_parts([&](int64_t p, int64_t r0, int64_t r1) { absorb<T>(C, W, K, r0, r1, lam_d, f.data(), g.data()); });
+    rebuild_kernel();
     col_sums();
   };
 
