@@ -16,23 +16,24 @@ namespace vireid {
 namespace {
 
 // Rows [b, e) of a CSR matrix assembled from per-chunk pieces.
+template <typename V>
 struct Csr {
   std::vector<int64_t> ptr;
   std::vector<int32_t> col;
-  std::vector<double> val;
+  std::vector<V> val;
 };
 
 // Runs `row_fn(i, cols, vals)` for every row in parallel (rows handed out in chunks) and assembles the CSR.
-template <typename RowFn>
-Csr build_rows(int64_t n, RowFn row_fn) {
+template <typename V = double, typename RowFn>
+Csr<V> build_rows(int64_t n, RowFn row_fn) {
   constexpr int64_t kChunk = 64;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<std::vector<int32_t>> ccol(chunks);
-  std::vector<std::vector<double>> cval(chunks);
+  std::vector<std::vector<V>> cval(chunks);
   std::vector<int64_t> counts(n, 0);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<int32_t> cols;
-    std::vector<double> vals;
+    std::vector<V> vals;
     for (int64_t ch = cb; ch < ce; ++ch) {
       for (int64_t i = ch * kChunk; i < std::min(n, (ch + 1) * kChunk); ++i) {
         cols.clear();
@@ -44,7 +45,7 @@ Csr build_rows(int64_t n, RowFn row_fn) {
       }
     }
   });
-  Csr out;
+  Csr<V> out;
   out.ptr.assign(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) out.ptr[i + 1] = out.ptr[i] + counts[i];
   out.col.resize(out.ptr[n]);
@@ -55,7 +56,7 @@ Csr build_rows(int64_t n, RowFn row_fn) {
       std::copy(ccol[ch].begin(), ccol[ch].end(), out.col.begin() + start);
       std::copy(cval[ch].begin(), cval[ch].end(), out.val.begin() + start);
       std::vector<int32_t>().swap(ccol[ch]);
-      std::vector<double>().swap(cval[ch]);
+      std::vector<V>().swap(cval[ch]);
     }
   });
   return out;
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   const int max_threads = at::get_num_threads();
   std::vector<std::vector<char>> marks(max_threads, std::vector<char>(n, 0));
   std::vector<std::vector<int32_t>> slots(max_threads, std::vector<int32_t>(rank_sim ? n : 0, 0));
-  const Csr v = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+  const Csr<double> v = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
     std::vector<char>& mark = marks[at::get_thread_num()];
     const int32_t* a_i = a_sets.data() + i * a_w;
     const int32_t na = a_cnt[i];
@@ -183,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
 
   // Step 5: query expansion, the mean of V over R[i][:k2] (per modality, then across modalities, if given).
   std::vector<std::vector<double>> accs(max_threads, std::vector<double>(n, 0.0));
-  const Csr vq_storage = k2 == 1 ? Csr() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
+  std::vector<std::vector<int32_t>> touch_lists(max_threads);
+  const Csr<double> vq_storage = k2 == 1 ? Csr<double>() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
                                                               std::vector<double>& vals) {
     std::vector<double>& acc = accs[at::get_thread_num()];
     std::vector<char>& mark = marks[at::get_thread_num()];
@@ -223,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
       mark[cols[t]] = 0;
     }
   });
-  const Csr& vq = k2 == 1 ? v : vq_storage;
+  const Csr<double>& vq = k2 == 1 ? v : vq_storage;
 
   // Inverted index: for each column c, the rows having V[row, c] > 0, with the value.
   std::vector<int64_t> inv_ptr(n + 1, 0);
@@ -242,16 +244,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     }
   }
 
-  // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i (ascending, so s_ij == s_ji bit for bit);
-  // distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
-  const Csr jac = build_rows(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<double>& vals) {
+  // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i, ascending, so s_ij == s_ji bit for bit: each
+  // pair is computed once, for j >= i (the upper triangle U; inverted-index lists are ascending, so a binary search
+  // skips the rows below i), and mirrored. Distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
+  // Rows touching more than n / kScanFraction others are emitted by a scan of the marks (ascending for free);
+  // sorting them would cost more.
+  constexpr int64_t kScanFraction = 48;
+  const Csr<float> upper = build_rows<float>(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<float>& vals) {
     std::vector<double>& acc = accs[at::get_thread_num()];
     std::vector<char>& mark = marks[at::get_thread_num()];
-    std::vector<int32_t> touched;
+    std::vector<int32_t>& touched = touch_lists[at::get_thread_num()];
+    touched.clear();
     for (int64_t p = vq.ptr[i]; p < vq.ptr[i + 1]; ++p) {
       const int64_t c = vq.col[p];
       const double vi = vq.val[p];
-      for (int64_t q = inv_ptr[c]; q < inv_ptr[c + 1]; ++q) {
+      const int32_t* first = inv_row.data() + inv_ptr[c];
+      const int32_t* last = inv_row.data() + inv_ptr[c + 1];
+      for (int64_t q = std::lower_bound(first, last, static_cast<int32_t>(i)) - inv_row.data(); q < inv_ptr[c + 1];
+           ++q) {
         const int32_t j = inv_row[q];
         if (!mark[j]) {
           mark[j] = 1;
@@ -260,8 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
         acc[j] += std::min(vi, inv_val[q]);
       }
     }
-    std::sort(touched.begin(), touched.end());
-    for (int32_t j : touched) {
+    auto emit = [&](int32_t j) {
       const double s = acc[j];
       acc[j] = 0.0;
       mark[j] = 0;
@@ -270,22 +279,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
         cols.push_back(j);
         vals.push_back(dist);
       }
+    };
+    if (static_cast<int64_t>(touched.size()) * kScanFraction > n - i) {
+      for (int64_t j = i; j < n; ++j)
+        if (mark[j]) emit(static_cast<int32_t>(j));
+    } else {
+      std::sort(touched.begin(), touched.end());
+      for (int32_t j : touched) emit(j);
     }
   });
 
-  const int64_t nnz = jac.ptr[n];
+  // Full rows: row i = (entries (r, i) of U with r < i, ascending r) followed by U's row i (columns >= i).
+  std::vector<int64_t> lower_count(n, 0);
+  for (int64_t p = 0; p < upper.ptr[n]; ++p) lower_count[upper.col[p]]++;
   at::Tensor crow = at::empty({n + 1}, rank_t.options());
+  int64_t* crowp = crow.data_ptr<int64_t>();
+  crowp[0] = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t diag = upper.ptr[i + 1] > upper.ptr[i] && upper.col[upper.ptr[i]] == i;
+    lower_count[i] -= diag;  // the diagonal entry is U's, not a mirrored one
+    crowp[i + 1] = crowp[i] + lower_count[i] + (upper.ptr[i + 1] - upper.ptr[i]);
+  }
+  const int64_t nnz = crowp[n];
   at::Tensor col = at::empty({nnz}, rank_t.options());
   at::Tensor values = at::empty({nnz}, features.options());
-  std::copy(jac.ptr.begin(), jac.ptr.end(), crow.data_ptr<int64_t>());
   int64_t* colp = col.data_ptr<int64_t>();
   float* valp = values.data_ptr<float>();
-  at::parallel_for(0, nnz, 1 << 16, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) {
-      colp[p] = jac.col[p];
-      valp[p] = static_cast<float>(jac.val[p]);
+  at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      int64_t out = crowp[i] + lower_count[i];
+      for (int64_t p = upper.ptr[i]; p < upper.ptr[i + 1]; ++p, ++out) {
+        colp[out] = upper.col[p];
+        valp[out] = upper.val[p];
+      }
     }
   });
+  {
+    std::vector<int64_t> fill(crowp, crowp + n);  // the mirrored part fills each row from its start
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t p = upper.ptr[r]; p < upper.ptr[r + 1]; ++p) {
+        const int64_t c = upper.col[p];
+        if (c == r) continue;
+        const int64_t q = fill[c]++;
+        colp[q] = r;
+        valp[q] = upper.val[p];
+      }
+    }
+  }
   return {crow, col, values};
 }
 
