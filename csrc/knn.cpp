@@ -19,9 +19,11 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
+#include "knn.h"
 
 namespace vireid {
 namespace {
@@ -156,6 +158,12 @@ VIREID_ALWAYS_INLINE void exact_keys_body(const float* xi, double nx2, const flo
 }
 VIREID_MULTIVERSION(exact_keys)
 
+struct Live {
+  double upper;  // upper bound of the exact score
+  int32_t index;
+  float score;   // approximate score
+};
+
 struct Exact {
   double key;
   int32_t index;
@@ -226,15 +234,16 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   if (l2) {
     for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
     for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
-    // The relative part applies to the GEMM output |dot| <= |score| + ||y||^2/2, not to the score itself.
-    for (int64_t i = 0; i < N; ++i) bound[i] += rel * 0.5 * ny2_max * (1.0 + 4.0 * u32);
   }
   const double safety = 1.25;  // covers the rounding of the norms above
   for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
   rel *= safety;
 
   // ---- tiled candidate search ----
-  const int64_t C = std::min<int64_t>(M, k + std::max<int64_t>(k, 16));
+  // bf16 scores carry a ~40x wider bound, so clustered rows hold more near-ties to re-score: a deeper pool keeps
+  // them from falling back to the fp32 pass (at N=12,000, k=30, 600 identities, 42% of rows overflow a pool of 2k;
+  // in CMFP's cross-modality blocks 7% overflow 4k).
+  const int64_t C = std::min<int64_t>(M, k + (bf16 ? std::max<int64_t>(5 * k, 64) : std::max<int64_t>(k, 16)));
   const int64_t cap = 2 * C + kChunk;  // the buffer is cut back to C once it holds more than 2C
   std::vector<Cand> heaps(static_cast<size_t>(N) * cap);
   std::vector<int64_t> sizes(N, 0);
@@ -280,13 +289,30 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   }
 
   // ---- exact re-score of the candidates that can still be in the top k ----
+  // The re-score reads each candidate's row of y from memory. Rows are visited grouped by their best candidate, so
+  // rows of one cluster, which share most candidates, run back to back and find those rows in cache.
+  std::vector<int64_t> visit(N);
+  {
+    std::vector<std::pair<int32_t, int32_t>> key(N);
+    at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const Cand* h = heaps.data() + i * cap;
+        Cand best = h[0];
+        for (int64_t c = 1; c < sizes[i]; ++c)
+          if (ranks_before(h[c].score, h[c].index, best.score, best.index)) best = h[c];
+        key[i] = {best.index, static_cast<int32_t>(i)};
+      }
+    });
+    std::sort(key.begin(), key.end());
+    for (int64_t p = 0; p < N; ++p) visit[p] = key[p].second;
+  }
   std::vector<char> overflow(N, 0);
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     std::vector<double> lower(C);
-    std::vector<int32_t> idx;
-    std::vector<double> keys;
-    std::vector<Exact> pool;
-    for (int64_t i = b; i < e; ++i) {
+    std::vector<Live> live;
+    std::vector<Exact> pool, best;  // best: max-heap of the k best exact keys so far
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t i = visit[p];
       Cand* h = heaps.data() + i * cap;
       int64_t n = sizes[i];
       const bool dropped = n > C || cuts[i].index != std::numeric_limits<int32_t>::max();
@@ -297,24 +323,54 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       Cand worst = h[0];
       for (int64_t c = 1; c < n; ++c)
         if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
-      auto delta = [&](float s) { return bound[i] + rel * std::fabs(static_cast<double>(s)); };
+      // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
+      auto delta = [&](const Cand& c) {
+        return bound[i] + rel * (1.0 + 4.0 * u32) * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
+      };
       // L = k-th largest lower bound: the exact k-th best score is at least L.
-      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c].score);
+      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c]);
       std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
       const double L = lower[k - 1];
       // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
-      if (dropped && static_cast<double>(worst.score) + delta(worst.score) >= L) {
+      // A dropped column j scored s <= worst.score; s + rel |s + nyh_j| grows with s, and nyh_j <= ||y||_max^2 / 2.
+      const double worst_upper = static_cast<double>(worst.score) + bound[i] +
+                                 rel * (1.0 + 4.0 * u32) * (std::fabs(static_cast<double>(worst.score)) + 0.5 * ny2_max);
+      if (dropped && worst_upper >= L) {
         overflow[i] = 1;
         continue;
       }
-      idx.clear();
-      for (int64_t c = 0; c < n; ++c)
-        if (static_cast<double>(h[c].score) + delta(h[c].score) >= L) idx.push_back(h[c].index);
-      keys.resize(idx.size());
-      exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, idx.data(), static_cast<int64_t>(idx.size()),
-                        keys.data());
-      pool.resize(idx.size());
-      for (size_t c = 0; c < idx.size(); ++c) pool[c] = {keys[c], idx[c]};
+      // Re-score best-first: once k candidates are exact, the k-th best exact score E replaces the lower bound L,
+      // and a candidate whose upper bound is below E cannot enter (about half the window of L for bf16 scores).
+      live.clear();
+      for (int64_t c = 0; c < n; ++c) {
+        const double upper = static_cast<double>(h[c].score) + delta(h[c]);
+        if (upper >= L) live.push_back({upper, h[c].index, h[c].score});
+      }
+      std::sort(live.begin(), live.end(), [](const Live& a, const Live& b) {
+        return ranks_before(a.score, a.index, b.score, b.index);
+      });
+      pool.clear();
+      best.clear();
+      for (const Live& c : live) {
+        if (static_cast<int64_t>(best.size()) == k) {
+          // best.front() is the k-th best so far; its key as a score (ip: -key, l2: (||x||^2 - key) / 2).
+          const double kth_key = best.front().key;
+          const double e_score = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
+          const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
+          if (c.upper + slack < e_score) continue;
+        }
+        double key;
+        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, &c.index, 1, &key);
+        pool.push_back({key, c.index});
+        if (static_cast<int64_t>(best.size()) < k) {
+          best.push_back(pool.back());
+          std::push_heap(best.begin(), best.end());
+        } else if (pool.back() < best.front()) {
+          std::pop_heap(best.begin(), best.end());
+          best.back() = pool.back();
+          std::push_heap(best.begin(), best.end());
+        }
+      }
       write_row(pool, k, l2, vp + i * k, ip + i * k);
     }
   });
@@ -350,11 +406,28 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
   TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
   TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
+  return knn_exact(x_in, y_in, k, metric == "l2", precision == "bf16");
+}
+
+}  // namespace
+
+bool knn_bf16_worthwhile(int64_t n, int64_t m, int64_t d) {
+  // Native bf16 dot products make the bf16 GEMM ~3-4x faster than fp32; below ~1 GMAC the extra rounding pass and
+  // the wider candidate pools are not worth it.
+  if (static_cast<double>(n) * static_cast<double>(m) * static_cast<double>(d) < std::ldexp(1.0, 30)) return false;
+  static const bool native = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  return native;
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_exact(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k, bool l2,
+                                             bool bf16) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && y_in.scalar_type() == at::kFloat && x_in.dim() == 2 &&
+                  y_in.dim() == 2 && x_in.size(1) == y_in.size(1),
+              "vireid::knn: x and y must be 2-D float32 with the same number of columns");
   const int64_t N = x_in.size(0), M = y_in.size(0), d = x_in.size(1);
   TORCH_CHECK(M > 0 && d > 0, "vireid::knn: y must be non-empty");
   TORCH_CHECK(k >= 1 && k <= M, "vireid::knn: k must be in [1, M=", M, "], got ", k);
   TORCH_CHECK(M < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 database rows");
-  const bool l2 = metric == "l2";
   const bool self = x_in.is_same(y_in);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor y = self ? x : y_in.contiguous();
@@ -363,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   if (N == 0) return {values, indices};
   float* vp = values.data_ptr<float>();
   int64_t* ip = indices.data_ptr<int64_t>();
-  const std::vector<int64_t> redo = knn_impl(x, y, k, l2, precision == "bf16", self, vp, ip);
+  const std::vector<int64_t> redo = knn_impl(x, y, k, l2, bf16, self, vp, ip);
   if (!redo.empty()) {
     // bf16 margins too thin for these rows: an fp32 candidate pass over them (same exact result).
     const int64_t R = static_cast<int64_t>(redo.size());
@@ -380,7 +453,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   return {values, indices};
 }
 
-}  // namespace
 }  // namespace vireid
 
 TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("knn", &vireid::knn_cpu); }
