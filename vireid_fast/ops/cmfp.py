@@ -9,8 +9,9 @@ Defined result where the reference produces NaN: a block row whose kept entries 
 cross-modality blocks) contributes nothing, so that row propagates from its other block only; a row with no positive
 kept entry in either block becomes the zero vector.
 
-The C++ kernel computes the symmetric Gram matrix one row panel at a time (each unordered pair once), keeps a
-candidate list per row and block, and returns ``G`` in CSR form; memory is O((Nv+Nr)·(d + k)) plus one panel.
+The C++ kernel takes each block's neighbours from the exact kNN search (:func:`vireid_fast.ops.knn`'s C++ code: scores
+are float32 roundings of exact dot products, every tie at the threshold kept) and returns ``G`` in CSR form; memory is
+O((Nv+Nr)·(d + k)) plus one score tile.
 """
 
 from __future__ import annotations
