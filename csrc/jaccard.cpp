@@ -185,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   // Step 5: query expansion, the mean of V over R[i][:k2] (per modality, then across modalities, if given).
   std::vector<std::vector<double>> accs(max_threads, std::vector<double>(n, 0.0));
   std::vector<std::vector<int32_t>> touch_lists(max_threads);
+  std::vector<std::vector<int64_t>> start_lists(max_threads);
   const Csr<double> vq_storage = k2 == 1 ? Csr<double>() : build_rows(n, [&](int64_t i, std::vector<int32_t>& cols,
                                                               std::vector<double>& vals) {
     std::vector<double>& acc = accs[at::get_thread_num()];
@@ -247,43 +248,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   // Step 6: s_ij = sum_c min(V_ic, V_jc) over the columns of row i, ascending, so s_ij == s_ji bit for bit: each
   // pair is computed once, for j >= i (the upper triangle U; inverted-index lists are ascending, so a binary search
   // skips the rows below i), and mirrored. Distance 1 - s / (2 - s) clamped at 0; only float32 values < 1 are stored.
-  // Rows touching more than n / kScanFraction others are emitted by a scan of the marks (ascending for free);
-  // sorting them would cost more.
-  constexpr int64_t kScanFraction = 48;
+  // A row reaching more than (n - i) / kScanFraction pairs runs branch-free and is emitted by a scan of acc (pairs
+  // always add a positive min, so acc[j] > 0 marks them; the scan is ascending for free); sparser rows keep a list
+  // of touched rows and sort it.
+  constexpr int64_t kScanFraction = 64;
   const Csr<float> upper = build_rows<float>(n, [&](int64_t i, std::vector<int32_t>& cols, std::vector<float>& vals) {
     std::vector<double>& acc = accs[at::get_thread_num()];
-    std::vector<char>& mark = marks[at::get_thread_num()];
     std::vector<int32_t>& touched = touch_lists[at::get_thread_num()];
-    touched.clear();
-    for (int64_t p = vq.ptr[i]; p < vq.ptr[i + 1]; ++p) {
+    std::vector<int64_t>& starts = start_lists[at::get_thread_num()];
+    const int64_t p0 = vq.ptr[i], p1 = vq.ptr[i + 1];
+    starts.resize(p1 - p0);
+    int64_t pairs = 0;
+    for (int64_t p = p0; p < p1; ++p) {
       const int64_t c = vq.col[p];
-      const double vi = vq.val[p];
       const int32_t* first = inv_row.data() + inv_ptr[c];
       const int32_t* last = inv_row.data() + inv_ptr[c + 1];
-      for (int64_t q = std::lower_bound(first, last, static_cast<int32_t>(i)) - inv_row.data(); q < inv_ptr[c + 1];
-           ++q) {
-        const int32_t j = inv_row[q];
-        if (!mark[j]) {
-          mark[j] = 1;
-          touched.push_back(j);
-        }
-        acc[j] += std::min(vi, inv_val[q]);
-      }
+      starts[p - p0] = std::lower_bound(first, last, static_cast<int32_t>(i)) - inv_row.data();
+      pairs += inv_ptr[c + 1] - starts[p - p0];
     }
     auto emit = [&](int32_t j) {
       const double s = acc[j];
       acc[j] = 0.0;
-      mark[j] = 0;
       const float dist = static_cast<float>(std::max(0.0, 1.0 - s / (2.0 - s)));
       if (dist < 1.0f) {
         cols.push_back(j);
         vals.push_back(dist);
       }
     };
-    if (static_cast<int64_t>(touched.size()) * kScanFraction > n - i) {
+    if (pairs * kScanFraction > n - i) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const double vi = vq.val[p];
+        const int64_t end = inv_ptr[vq.col[p] + 1];
+        for (int64_t q = starts[p - p0]; q < end; ++q) acc[inv_row[q]] += std::min(vi, inv_val[q]);
+      }
       for (int64_t j = i; j < n; ++j)
-        if (mark[j]) emit(static_cast<int32_t>(j));
+        if (acc[j] != 0.0) emit(static_cast<int32_t>(j));
     } else {
+      touched.clear();
+      for (int64_t p = p0; p < p1; ++p) {
+        const double vi = vq.val[p];
+        const int64_t end = inv_ptr[vq.col[p] + 1];
+        for (int64_t q = starts[p - p0]; q < end; ++q) {
+          const int32_t j = inv_row[q];
+          if (acc[j] == 0.0) touched.push_back(j);
+          acc[j] += std::min(vi, inv_val[q]);
+        }
+      }
       std::sort(touched.begin(), touched.end());
       for (int32_t j : touched) emit(j);
     }
@@ -314,18 +324,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
       }
     }
   });
-  {
-    std::vector<int64_t> fill(crowp, crowp + n);  // the mirrored part fills each row from its start
-    for (int64_t r = 0; r < n; ++r) {
+  // Mirrored entries (r, c > r) go to row c at its next free slot; scanning r in ascending order keeps each row's
+  // columns sorted. Threads own disjoint ranges of destination rows and each scans all of U.
+  at::parallel_for(0, n, n / std::max(1, at::get_num_threads()) + 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int64_t> fill(crowp + c0, crowp + c1);
+    for (int64_t r = 0; r < c1; ++r) {
       for (int64_t p = upper.ptr[r]; p < upper.ptr[r + 1]; ++p) {
         const int64_t c = upper.col[p];
-        if (c == r) continue;
-        const int64_t q = fill[c]++;
+        if (c <= r || c < c0 || c >= c1) continue;
+        const int64_t q = fill[c - c0]++;
         colp[q] = r;
         valp[q] = upper.val[p];
       }
     }
-  }
+  });
   return {crow, col, values};
 }
 
