@@ -15,8 +15,9 @@ N = Nq + Ng items:
 Memory: the reference keeps several dense N x N float32 arrays (O, V, V after expansion, Jaccard). Here V is sparse
 (a few hundred entries per row), O rows are rebuilt from the three input blocks in chunks of rows, and the Jaccard
 term is accumulated for chunks of query rows only: peak extra memory is O(N·k1·k2 + chunk·N) besides the inputs and
-the (Nq, Ng) output. This is a self-contained implementation for now; it will share the clustering-core k-NN and
-Jaccard machinery once that lands.
+the (Nq, Ng) output. It does not call the clustering ops (``vireid_fast.ops.knn``/``kreciprocal_jaccard``): those
+take features, while re-ranking starts from distance matrices, ranks k1 + 1 neighbours with kh = round(k1 / 2) and
+encodes with exp(-O) of the given distances, so neither the kNN search nor the op's encoding applies as is.
 """
 
 from __future__ import annotations
