@@ -77,11 +77,12 @@ def test_bf16_candidates_return_the_fp32_result_on_near_ties(backend):
     y[::3] = torch.nn.functional.normalize(torch.randn(100, d, generator=gen), dim=1)  # far rows
     x = torch.stack([direction, -direction, direction + 1e-7])
     backend("cpp")
-    # k=40 among 200 near-ties: the bf16 margin overflows and those rows take the fp32 pass. k=10 among 20 near-ties
-    # (y2): all fit in the C=26 candidates, so the order comes from the exact re-score alone.
+    # bf16 pools hold C = k + max(5k, 64) candidates. k=10 among 200 near-ties (C=74): the margin overflows and those
+    # rows take the fp32 pass. k=40 among the same 200 (C=240) and k=10 among 20 near-ties (y2): all fit, so the order
+    # comes from the exact re-score alone.
     y2 = torch.cat([y[1:60:3], torch.nn.functional.normalize(torch.randn(200, d, generator=gen), dim=1)])
     for metric in ("ip", "l2"):
-        for k, db in ((40, y), (10, y2)):
+        for k, db in ((10, y), (40, y), (10, y2)):
             v32, i32 = knn(x, k, db, metric=metric, precision="fp32")
             v16, i16 = knn(x, k, db, metric=metric, precision="bf16")
             assert torch.equal(i32, i16) and torch.equal(v32, v16)
