@@ -323,7 +323,10 @@ at::Tensor memory_contrastive_backward_cpu(const at::Tensor& grad_loss, const at
         grad_row<scalar_t>(lgp + i * C, C, lsp[i], sp ? sp + i * C : nullptr, y[i], scale, gl + i * C);
       }
     });
-    at::Tensor grad_x = at::mm(grad_logits, memory);  // memory before the update
+    // memory before the update; oneDNN wants it as (D, C): one transposed copy (4 MB at C=500) still beats MKL.
+    at::Tensor grad_x = at::empty({B, D}, inputs_t.options());
+    const at::Tensor memory_t = memory.t().contiguous();
+    gemm_nt_out(grad_x, grad_logits, memory_t);
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     const scalar_t* xp = xn.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(D), [&](int64_t r0, int64_t r1) {
