@@ -39,16 +39,18 @@ def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
 
 
 def _use_faiss(engine: str, device: torch.device) -> bool:
+    # "auto": faiss only on CUDA (the well-kept library for this search there); on CPU our kernels run by default.
+    if engine == "vireid" or (engine == "auto" and (device.type != "cuda" or tracing()
+                                                    or _registry.requested_backend() is not None)):
+        return False
     from .knn_faiss import INSTALL_HINT, faiss_available
 
-    if engine == "faiss":
-        if not faiss_available(device):
-            raise ValueError(f"engine='faiss' cannot search {device.type} tensors: {INSTALL_HINT}; "
-                             "or pass engine='vireid'")
+    if faiss_available(device):
         return True
-    # "auto": on CUDA faiss is the well-kept library for this search; on CPU our kernels measure faster.
-    return (engine == "auto" and device.type == "cuda" and _registry.requested_backend() is None
-            and not tracing() and faiss_available(device))
+    if engine == "faiss":
+        raise ValueError(f"engine='faiss' cannot search {device.type} tensors: {INSTALL_HINT}; "
+                         "or pass engine='vireid'")
+    return False
 
 
 def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str = "ip",
@@ -95,13 +97,13 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
         check_finite("y", yf)
     if precision == "auto":
         precision = "bf16" if _bf16_worthwhile(xf, m) else "fp32"
-    backend = _registry.choose_backend("knn", xf.device)
-    if backend == "reference":
-        return knn_ref(xf, yf, k, metric, precision)
-    if _use_faiss(engine, xf.device):
+    if _registry.requested_backend() != "reference" and _use_faiss(engine, xf.device):
         from .knn_faiss import knn_faiss
 
         return knn_faiss(xf, None if y is None else yf, k, metric)
+    backend = _registry.choose_backend("knn", xf.device)
+    if backend == "reference":
+        return knn_ref(xf, yf, k, metric, precision)
     if backend == "triton" and xf.device.type == "cpu":
         return _registry.triton_module("knn").launch(xf, yf, k, metric, precision)
     return torch.ops.vireid.knn(xf, yf, k, metric, precision)

@@ -50,8 +50,9 @@ _gpu_resources = None
 
 
 def _import_faiss():
-    if "faiss" in sys.modules:
-        return sys.modules["faiss"]
+    loaded = sys.modules.get("faiss")
+    if loaded is not None:
+        return loaded
     # faiss wheels bundle their own OpenMP runtime and OpenMP OpenBLAS, whose idle threads busy-wait next to torch's
     # and take the two runtimes' cores from each other (measured here: the re-score after a search ran 3-10x slower).
     # Passive waiting fixes it; it is read lazily, so it stays set for the process (unless the user chose a policy).
