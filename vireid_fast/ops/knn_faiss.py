@@ -27,8 +27,6 @@ reduced-precision (TF32/fp16) cuBLAS math, so the same bounds hold on CUDA.
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import torch
 
@@ -50,13 +48,6 @@ _gpu_resources = None
 
 
 def _import_faiss():
-    loaded = sys.modules.get("faiss")
-    if loaded is not None:
-        return loaded
-    # faiss wheels bundle their own OpenMP runtime and OpenMP OpenBLAS, whose idle threads busy-wait next to torch's
-    # and take the two runtimes' cores from each other (measured here: the re-score after a search ran 3-10x slower).
-    # Passive waiting fixes it; it is read lazily, so it stays set for the process (unless the user chose a policy).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import faiss
 
     return faiss
