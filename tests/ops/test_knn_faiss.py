@@ -145,8 +145,10 @@ def test_near_ties_inside_the_margin_are_rescored(monkeypatch, metric):
 
 @needs_faiss
 def test_float64_input_and_validation():
-    x = torch.randn(20, 6, dtype=torch.float64)
+    x = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
     vals, idx = knn(x, 4, engine="faiss")
+    assert not vals.requires_grad
+    x = x.detach()
     assert_same_as_vireid(x.float(), None, 4, "ip", vals, idx)
     with pytest.raises(ValueError, match="engine"):
         knn(x, 4, engine="faiss-gpu")

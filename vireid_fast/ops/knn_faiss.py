@@ -80,7 +80,8 @@ def _faiss_search(x: torch.Tensor, y: torch.Tensor, c: int, l2: bool) -> tuple[t
 
         if _gpu_resources is None:
             _gpu_resources = faiss.StandardGpuResources()
-        return faiss.knn_gpu(_gpu_resources, x, y, c, metric=metric, device=x.device.index or 0)
+        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return faiss.knn_gpu(_gpu_resources, x, y, c, metric=metric, device=device)
     dist, ids = faiss.knn(x.numpy(), y.numpy(), c, metric=metric)
     return torch.from_numpy(dist), torch.from_numpy(ids)
 
@@ -174,8 +175,9 @@ def knn_faiss(x: torch.Tensor, y: torch.Tensor | None, k: int, metric: str) -> t
     Inputs are assumed validated (``vireid_fast.ops.knn`` does it). Not traceable by ``torch.compile`` (faiss runs
     outside torch); use ``engine="vireid"`` inside compiled code.
     """
-    x = x.float().contiguous()
-    y = x if y is None else y.float().contiguous()
+    # faiss reads detached arrays; the search is not differentiable (vireid::knn has no autograd formula either).
+    x = x.detach().float().contiguous()
+    y = x if y is None else y.detach().float().contiguous()
     l2 = metric == "l2"
     n, d = x.shape
     m = y.shape[0]
