@@ -20,8 +20,10 @@ Error bounds (u = 2^-24, gamma_n = n u / (1 - n u), any float32 summation order,
   or ``sum_t (x_t - y_t)^2`` directly (few queries). Both are float32 expressions whose every intermediate is bounded
   by (||x|| + ||y||)^2, so |err| <= gamma_{d+4} (||x_i|| + max_j ||y_j||)^2 covers both (the clamp at 0 only moves
   a value towards the true non-negative distance).
-A safety factor of 2 covers the rounding of the norms used in the bound itself. faiss's GPU resources disallow
-reduced-precision (TF32/fp16) cuBLAS math, so the same bounds hold on CUDA.
+A safety factor of 2 covers the rounding of the norms used in the bound itself. On CUDA, faiss's
+StandardGpuResources keep cuBLAS in its default math mode with reduced-precision reductions disallowed (float32
+GEMMs, no TF32), and the cuVS path is not requested, so the same bounds hold. (The CUDA path could not be run on the
+development machine, which has no GPU.)
 """
 
 from __future__ import annotations
@@ -154,10 +156,9 @@ def _select(keys: torch.Tensor, idx: torch.Tensor, k: int, l2: bool) -> tuple[to
 
 
 def _exact_search(x: torch.Tensor, y: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """vireid's own exact search (the C++ / Triton kernel, or the reference when the extension is missing)."""
-    from . import knn as knn_module  # registers vireid::knn
+    """vireid's own exact search (the C++ / Triton kernel, or the reference when the extension is missing).
 
-    del knn_module
+    ``vireid::knn`` is registered by the package ``vireid_fast.ops``, imported before this module."""
     return torch.ops.vireid.knn(x, y, k, metric, "fp32")
 
 
@@ -170,7 +171,8 @@ def knn_faiss(x: torch.Tensor, y: torch.Tensor | None, k: int, metric: str) -> t
         k: 1 <= k <= M.
         metric: ``"ip"`` or ``"l2"``.
     Returns:
-        values (N, k) float32, indices (N, k) int64: bit-identical to ``torch.ops.vireid.knn`` / ``knn_ref``.
+        values (N, k) float32, indices (N, k) int64: bit-identical to ``torch.ops.vireid.knn`` (same indices as
+        ``knn_ref``, whose float64 sums run in another order, so its values can differ by a float32 ulp).
 
     Inputs are assumed validated (``vireid_fast.ops.knn`` does it). Not traceable by ``torch.compile`` (faiss runs
     outside torch); use ``engine="vireid"`` inside compiled code.
