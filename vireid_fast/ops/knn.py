@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor
+from ._validation import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor, tracing
 from .reference import knn_ref
 
 __all__ = ["knn", "knn_ref"]
 
 METRICS = ("ip", "l2")
 PRECISIONS = ("auto", "fp32", "bf16")
+ENGINES = ("auto", "vireid", "faiss")
 
 
 def _knn_fake(x, y, k, metric, precision):
@@ -37,8 +38,23 @@ def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
         return False
 
 
+def _use_faiss(engine: str, device: torch.device) -> bool:
+    # "auto": faiss only on CUDA (the well-kept library for this search there); on CPU our kernels run by default.
+    if engine == "vireid" or (engine == "auto" and (device.type != "cuda" or tracing()
+                                                    or _registry.requested_backend() is not None)):
+        return False
+    from .knn_faiss import INSTALL_HINT, faiss_available
+
+    if faiss_available(device):
+        return True
+    if engine == "faiss":
+        raise ValueError(f"engine='faiss' cannot search {device.type} tensors: {INSTALL_HINT}; "
+                         "or pass engine='vireid'")
+    return False
+
+
 def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str = "ip",
-        precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        precision: str = "auto", engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of every row of ``x`` among the rows of ``y`` (default ``x`` itself, the row included).
 
     Args:
@@ -48,6 +64,12 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
         metric: ``"ip"`` (largest inner product first) or ``"l2"`` (smallest squared Euclidean distance first).
         precision: candidate search GEMM: ``"fp32"``, ``"bf16"`` or ``"auto"``. It changes the speed only: the
             candidates are re-scored exactly, so every choice returns the same result.
+        engine: who proposes the candidates: ``"vireid"`` (our C++ / Triton kernels), ``"faiss"`` (faiss's exact flat
+            search, ``vireid_fast.ops.knn_faiss``; needs ``pip install faiss-cpu``, or faiss-gpu for CUDA tensors) or
+            ``"auto"`` (faiss for CUDA tensors when faiss has GPU support, else ours). The result is the same
+            whichever engine runs (faiss only proposes, the candidates are re-scored exactly); ``precision`` applies
+            to ours. The faiss engine is not traceable by ``torch.compile``: "auto" uses ours while tracing.
+            ``VIREID_BACKEND=reference`` overrides the engine; another forced backend makes "auto" mean ours.
     Returns:
         values (N, k) float32 (inner products, or squared distances), indices (N, k) int64, best first; equal scores
         go to the lower index.
@@ -62,6 +84,8 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
         raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     m = x.shape[0] if y is None else y.shape[0]
     check_int("k", k, 1)
     if k > m:
@@ -73,6 +97,10 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
         check_finite("y", yf)
     if precision == "auto":
         precision = "bf16" if _bf16_worthwhile(xf, m) else "fp32"
+    if _registry.requested_backend() != "reference" and _use_faiss(engine, xf.device):
+        from .knn_faiss import knn_faiss
+
+        return knn_faiss(xf, None if y is None else yf, k, metric)
     backend = _registry.choose_backend("knn", xf.device)
     if backend == "reference":
         return knn_ref(xf, yf, k, metric, precision)
