@@ -16,24 +16,37 @@ shared/spec/jaccard.md): reciprocal sets for k1 and round_half_even(k1 / 2), the
 in float64 (``rank_sim`` for pairs in the kNN table, a float64 dot of the float32 rows otherwise), query expansion
 over R[i][:k2] (PCLHD's per-modality means when ``modality`` is given), s_ij = sum_c min(V_ic, V_jc) in float64 and
 distance 1 - s / (2 - s) clamped at 0, rounded to float32. The sparse structure is exact: a pair is stored iff its
-rows of V share a column (every V entry is >= e^-4 / |row| > 0, so such a pair's distance is far below 1 in float32).
+rows of V share a column (every V entry is >= e^-4 / (k2 * |row|) > 0, which keeps such a pair's float32 distance
+below 1 for all k1, k2 in use).
+
+How: every sparse set is a sorted tensor of (row, column) keys ``row * N + column`` (int32 when N^2 < 2^31, which
+CPU torch sorts with a radix sort; int64 beyond). Membership tests are ``searchsorted`` lookups, variable-length rows
+are expanded with ``repeat_interleave``, and per-(row, column) sums are a stable sort + ``unique_consecutive`` +
+``index_add_``. The min-sum expands each entry (i, c) of V over the rows j >= i of column c's inverted-index list into
+(i, j, min(V_ic, V_jc)) triples and sums them by (i, j): each pair is computed once, over row i's columns in
+ascending order as in the C++ kernel, and mirrored, so the result is exactly symmetric.
 
 Memory: O(N * L) for the sparse rows (L = the longest row of V after query expansion, <= k2 * k1 * (k1 / 2 + 1)) and
-for the output, plus work blocks of at most ``_BLOCK`` elements (pair x d for dot products, expanded triples) and a
-chunk x N float64 accumulator of at most ``_DENSE_BLOCK`` elements; never N x N. The min-sum computes each pair once
-(j >= i, summing over row i's columns in ascending order, as the C++ kernel does) and mirrors it, so the result is
-exactly symmetric.
+the output, plus work blocks of about ``_BLOCK`` expanded elements (triples, pair x d products for the dot products)
+in row chunks; never N x N. (A single row whose expansion exceeds ``_BLOCK`` forms a block of its own.)
 """
 
 from __future__ import annotations
 
 import torch
 
-_BLOCK = 1 << 22          # elements per work block (expanded triples, pair x feature products)
-_DENSE_BLOCK = 1 << 24    # elements of the chunk x N float64 accumulator of the min-sum
-# A chunk's min-sum uses the dense accumulator when chunk x N <= _DENSE_RATIO x its triples (a scan of the accumulator
-# then costs less than sorting the triples), else a sort by (i, j) key.
-_DENSE_RATIO = 8
+_BLOCK = 1 << 22  # elements per work block (expanded triples, pair x feature products)
+_INT32_KEYS = 2**31 - 1  # (row, column) keys below this are sorted as int32: a radix sort, ~20x faster on CPU
+
+
+def _key_dtype(key_range: int) -> torch.dtype:
+    return torch.int32 if key_range <= _INT32_KEYS else torch.int64
+
+
+def _pair_keys(rows: torch.Tensor, cols: torch.Tensor, n: int, key_range: int) -> torch.Tensor:
+    """rows * n + cols in the narrowest integer type holding ``key_range`` (decode with ``// n`` and ``% n``)."""
+    dtype = _key_dtype(key_range)
+    return rows.to(dtype) * n + cols.to(dtype)
 
 
 def _expand_segments(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +68,7 @@ def _lookup_sorted(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[to
 
 def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted unique keys and the sum of ``values`` per key, added in input order within each key."""
-    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_keys, order = torch.sort(keys, stable=True)  # stable: each key's values keep their input order
     unique, inverse = torch.unique_consecutive(sorted_keys, return_inverse=True)
     sums = torch.zeros(unique.numel(), dtype=values.dtype, device=values.device)
     return unique, sums.index_add_(0, inverse, values[order])
@@ -89,8 +102,8 @@ def _reciprocal_position(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """
     n, k1 = rank.shape
     rows = torch.arange(n, device=rank.device)[:, None]
-    edge_keys, edge_index = torch.sort((rows * n + rank).flatten(), stable=True)
-    found, pos = _lookup_sorted(edge_keys, (rank * n + rows).flatten())
+    edge_keys, edge_index = torch.sort(_pair_keys(rows, rank, n, n * n).flatten(), stable=True)
+    found, pos = _lookup_sorted(edge_keys, _pair_keys(rank, rows, n, n * n).flatten())
     back = torch.where(found, edge_index[pos] % k1, k1).view(n, k1)
     return back, edge_keys, edge_index
 
@@ -103,8 +116,8 @@ def _expansion_sets(rank: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
     # recip(i, k) = {R[i][t] : t < width(k), i in R[R[i][t]][:width(k)]}.
     a_rows, a_pos = torch.nonzero(back < a_width, as_tuple=True)
     a_cols = rank[a_rows, a_pos]
-    a_keys = a_rows * n + a_cols  # ascending i, then forward order: not sorted within a row
-    a_sorted = torch.sort(a_keys).values
+    a_keys = _pair_keys(a_rows, a_cols, n, n * n)  # ascending i, then forward order: not sorted within a row
+    a_sorted = torch.sort(a_keys, stable=True).values
     h_table = rank[:, :h_width]
     h_mask = back[:, :h_width] < h_width
     h_size = h_mask.sum(1)
@@ -113,20 +126,20 @@ def _expansion_sets(rank: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
     for begin in range(0, a_keys.numel(), step):
         i, c = a_rows[begin:begin + step], a_cols[begin:begin + step]
         members, valid = h_table[c], h_mask[c]                     # H_c, (pairs, h_width)
-        keys = i[:, None] * n + members
-        in_a, _ = _lookup_sorted(a_sorted, keys.flatten())
-        common = (in_a.view_as(valid) & valid).sum(1)
+        keys = _pair_keys(i[:, None], members, n, n * n)
+        in_a = _lookup_sorted(a_sorted, keys.flatten())[0].view_as(valid)
+        common = (in_a & valid).sum(1)
         # Same float64 test as the community code: |H_c & A_i| > 2/3 * |H_c|.
         grow = common.double() > (2.0 / 3.0) * h_size[c].double()
-        pieces.append(keys[grow[:, None] & valid])
-    return torch.unique(torch.cat(pieces))
+        pieces.append(keys[grow[:, None] & valid & ~in_a])  # members of A_i are in already
+    return torch.unique_consecutive(torch.sort(torch.cat(pieces), stable=True).values)
 
 
 def _encode(features: torch.Tensor, rank_sim: torch.Tensor | None, e_keys: torch.Tensor, edge_keys: torch.Tensor,
             edge_index: torch.Tensor) -> torch.Tensor:
     """Step 4: float64 softmax over each E_i of -(2 - 2 f_i . f_j); values in the order of ``e_keys``."""
     n, d = features.shape
-    rows, cols = e_keys // n, e_keys % n
+    rows, cols = (e_keys // n).long(), (e_keys % n).long()
     sims = torch.empty(e_keys.numel(), dtype=torch.float64, device=features.device)
     if rank_sim is not None:
         known, pos = _lookup_sorted(edge_keys, e_keys)
@@ -164,13 +177,13 @@ def _query_expansion(rank: torch.Tensor, k2: int, modality: torch.Tensor | None,
     v_len = v_crow.diff()
     row_cost = v_len[neighbours].sum(1)
     rows_out, cols_out, vals_out = [], [], []
-    for begin, end in _row_chunks(row_cost, _BLOCK, n):
+    for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _INT32_KEYS // n)):
         sources = neighbours[begin:end].flatten()
         owner, where = _expand_segments(v_crow[sources], v_len[sources])
-        local_row = owner // k2
-        keys, sums = _sum_by_key(local_row * n + v_col[where], weights[begin:end].flatten()[owner] * v_val[where])
-        rows_out.append(keys // n + begin)
-        cols_out.append(keys % n)
+        local_keys = _pair_keys(owner // k2, v_col[where], n, (end - begin) * n)
+        keys, sums = _sum_by_key(local_keys, weights[begin:end].flatten()[owner] * v_val[where])
+        rows_out.append((keys // n).long() + begin)
+        cols_out.append((keys % n).long())
         vals_out.append(sums)
     rows = torch.cat(rows_out)
     return _csr_rows(rows, n), torch.cat(cols_out), torch.cat(vals_out)
@@ -183,7 +196,7 @@ def _min_sum_distances(q_crow: torch.Tensor, q_col: torch.Tensor,
     device = q_col.device
     q_row = torch.repeat_interleave(torch.arange(n, device=device), q_crow.diff())
     # Inverted index: column c's rows ascending; an entry's own slot there is where its j >= i part starts.
-    inv_order = torch.argsort(q_col * n + q_row)
+    inv_order = torch.sort(_pair_keys(q_col, q_row, n, n * n), stable=True).indices
     inv_row, inv_val = q_row[inv_order], q_val[inv_order]
     inv_end = _csr_rows(q_col, n)[1:]
     own_slot = torch.empty_like(inv_order)
@@ -191,23 +204,18 @@ def _min_sum_distances(q_crow: torch.Tensor, q_col: torch.Tensor,
     reach = inv_end[q_col] - own_slot  # rows j >= i holding column c
     row_cost = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, q_row, reach)
     out_i, out_j, out_d = [], [], []
-    for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _DENSE_BLOCK // n)):
+    for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _INT32_KEYS // n)):
         lo, hi = int(q_crow[begin]), int(q_crow[end])
         owner, where = _expand_segments(own_slot[lo:hi], reach[lo:hi])
         entry = owner + lo
-        local_keys = (q_row[entry] - begin) * n + inv_row[where]
-        mins = torch.minimum(q_val[entry], inv_val[where])
-        # Contributions reach each (i, j) in ascending column order, as in the C++ kernel; all of them are > 0.
-        if (end - begin) * n <= _DENSE_RATIO * local_keys.numel():
-            acc = torch.zeros((end - begin) * n, dtype=torch.float64, device=device).index_add_(0, local_keys, mins)
-            keys = torch.nonzero(acc).flatten()
-            sums = acc[keys]
-        else:
-            keys, sums = _sum_by_key(local_keys, mins)
+        local_keys = _pair_keys(q_row[entry] - begin, inv_row[where], n, (end - begin) * n)
+        # Each (i, j) receives its contributions in ascending column order, as in the C++ kernel.
+        keys, sums = _sum_by_key(local_keys, torch.minimum(q_val[entry], inv_val[where]))
         dist = (1.0 - sums / (2.0 - sums)).clamp_min(0.0).float()
         keep = dist < 1.0
-        out_i.append(keys[keep] // n + begin)
-        out_j.append(keys[keep] % n)
+        keys = keys[keep]
+        out_i.append((keys // n).long() + begin)
+        out_j.append((keys % n).long())
         out_d.append(dist[keep])
     return torch.cat(out_i), torch.cat(out_j), torch.cat(out_d)
 
@@ -246,7 +254,7 @@ def launch(features: torch.Tensor, initial_rank: torch.Tensor, rank_sim: torch.T
     e_keys = _expansion_sets(rank, back)
     del back
     v_val = _encode(features, rank_sim, e_keys, edge_keys, edge_index)
-    v_crow, v_col = _csr_rows(e_keys // n, n), e_keys % n
+    v_crow, v_col = _csr_rows((e_keys // n).long(), n), (e_keys % n).long()
     del e_keys, edge_keys, edge_index
     if k2 != 1:
         v_crow, v_col, v_val = _query_expansion(rank, k2, modality, v_crow, v_col, v_val)
@@ -258,5 +266,5 @@ def launch(features: torch.Tensor, initial_rank: torch.Tensor, rank_sim: torch.T
     rows = torch.cat([up_i, up_j[off_diagonal]])
     cols = torch.cat([up_j, up_i[off_diagonal]])
     values = torch.cat([up_d, up_d[off_diagonal]])
-    order = torch.argsort(rows * n + cols)
+    order = torch.sort(_pair_keys(rows, cols, n, n * n), stable=True).indices
     return _csr_rows(rows, n), cols[order], values[order]
