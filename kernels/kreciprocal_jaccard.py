@@ -23,12 +23,14 @@ How: every sparse set is a sorted tensor of (row, column) keys ``row * N + colum
 CPU torch sorts with a radix sort; int64 beyond). Membership tests are ``searchsorted`` lookups, variable-length rows
 are expanded with ``repeat_interleave``, and per-(row, column) sums are a stable sort + ``unique_consecutive`` +
 ``index_add_``. The min-sum expands each entry (i, c) of V over the rows j >= i of column c's inverted-index list into
-(i, j, min(V_ic, V_jc)) triples and sums them by (i, j): each pair is computed once, over row i's columns in
-ascending order as in the C++ kernel, and mirrored, so the result is exactly symmetric.
+(i, j, min(V_ic, V_jc)) triples and sums them by (i, j), per row chunk, either by sorted keys or, when the chunk's
+triples are dense enough, with ``index_add_`` into a chunk x N accumulator. Each pair is computed once, over row i's
+columns in ascending order as in the C++ kernel, and mirrored, so the result is exactly symmetric.
 
 Memory: O(N * L) for the sparse rows (L = the longest row of V after query expansion, <= k2 * k1 * (k1 / 2 + 1)) and
 the output, plus work blocks of about ``_BLOCK`` expanded elements (triples, pair x d products for the dot products)
-in row chunks; never N x N. (A single row whose expansion exceeds ``_BLOCK`` forms a block of its own.)
+in row chunks, and the min-sum accumulator of at most ``_DENSE_RATIO`` x the chunk's triples; never N x N. (A single
+row whose expansion exceeds ``_BLOCK`` forms a block of its own.)
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ import torch
 
 _BLOCK = 1 << 22  # elements per work block (expanded triples, pair x feature products)
 _INT32_KEYS = 2**31 - 1  # (row, column) keys below this are sorted as int32: a radix sort, ~20x faster on CPU
+# A min-sum row chunk sums its (i, j) contributions in a dense chunk x N float64 accumulator when chunk x N is at most
+# _DENSE_RATIO x its number of contributions (then clearing and scanning the accumulator costs less than sorting),
+# otherwise by sorting the (i, j) keys.
+_DENSE_RATIO = 4
 
 
 def _key_dtype(key_range: int) -> torch.dtype:
@@ -51,10 +57,9 @@ def _pair_keys(rows: torch.Tensor, cols: torch.Tensor, n: int, key_range: int) -
 
 def _expand_segments(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For segments [starts[s], starts[s] + counts[s]): (owner segment, position) of every element, in order."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-    first = torch.cumsum(counts, 0) - counts
-    offset = torch.arange(owner.numel(), device=counts.device) - first[owner]
-    return owner, starts[owner] + offset
+    owner = torch.repeat_interleave(counts)
+    shift = starts - (torch.cumsum(counts, 0) - counts)  # position = element number + its segment's shift
+    return owner, shift[owner].add_(torch.arange(owner.numel(), device=counts.device))
 
 
 def _lookup_sorted(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +202,7 @@ def _min_sum_distances(q_crow: torch.Tensor, q_col: torch.Tensor,
     q_row = torch.repeat_interleave(torch.arange(n, device=device), q_crow.diff())
     # Inverted index: column c's rows ascending; an entry's own slot there is where its j >= i part starts.
     inv_order = torch.sort(_pair_keys(q_col, q_row, n, n * n), stable=True).indices
-    inv_row, inv_val = q_row[inv_order], q_val[inv_order]
+    inv_row, inv_val = q_row[inv_order].to(_key_dtype(n * n)), q_val[inv_order]
     inv_end = _csr_rows(q_col, n)[1:]
     own_slot = torch.empty_like(inv_order)
     own_slot[inv_order] = torch.arange(inv_order.numel(), device=device)
@@ -207,10 +212,19 @@ def _min_sum_distances(q_crow: torch.Tensor, q_col: torch.Tensor,
     for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _INT32_KEYS // n)):
         lo, hi = int(q_crow[begin]), int(q_crow[end])
         owner, where = _expand_segments(own_slot[lo:hi], reach[lo:hi])
-        entry = owner + lo
-        local_keys = _pair_keys(q_row[entry] - begin, inv_row[where], n, (end - begin) * n)
-        # Each (i, j) receives its contributions in ascending column order, as in the C++ kernel.
-        keys, sums = _sum_by_key(local_keys, torch.minimum(q_val[entry], inv_val[where]))
+        mins = torch.minimum(q_val[lo:hi][owner], inv_val[where])
+        span = (end - begin) * n
+        row_keys = _pair_keys(q_row[lo:hi] - begin, torch.zeros((), dtype=torch.int64, device=device), n, span)
+        local_keys = row_keys[owner].add_(inv_row[where])
+        del owner, where
+        # Each (i, j) receives its contributions in ascending column order, as in the C++ kernel; all are > 0.
+        if span <= _DENSE_RATIO * local_keys.numel():
+            acc = torch.zeros(span, dtype=torch.float64, device=device).index_add_(0, local_keys, mins)
+            keys = torch.nonzero(acc).flatten()
+            sums = acc[keys]
+        else:
+            keys, sums = _sum_by_key(local_keys, mins)
+        del local_keys, mins
         dist = (1.0 - sums / (2.0 - sums)).clamp_min(0.0).float()
         keep = dist < 1.0
         keys = keys[keep]

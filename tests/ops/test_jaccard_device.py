@@ -67,16 +67,17 @@ def test_result_is_symmetric_with_zero_diagonal():
     assert bool((torch.diagonal(dense) < 1e-6).all())
 
 
-@pytest.mark.parametrize("int32_keys", [2**31 - 1, 0])
-def test_small_work_blocks_give_the_same_result(monkeypatch, int32_keys):
+@pytest.mark.parametrize("int32_keys, dense_ratio", [(2**31 - 1, 0), (0, 0), (2**31 - 1, 1 << 30)])
+def test_small_work_blocks_give_the_same_result(monkeypatch, int32_keys, dense_ratio):
     """Many row chunks (single rows above the block size), several dot-product and expansion blocks; int32 or int64
-    sort keys."""
+    sort keys; min-sum by sorted keys (ratio 0) or by the dense chunk accumulator."""
     feats = clustered_with_duplicates(300, 12, seed=11)
     modality = modality_of("mixed", 300, seed=2)
     sim, rank = knn(feats, 20, metric="ip")
     expected = torch.ops.vireid.kreciprocal_jaccard(feats, rank, None, 6, modality)
     monkeypatch.setattr(device_kernel, "_BLOCK", 1000)
     monkeypatch.setattr(device_kernel, "_INT32_KEYS", int32_keys)
+    monkeypatch.setattr(device_kernel, "_DENSE_RATIO", dense_ratio)
     assert_same_csr(device_kernel.launch(feats, rank, None, 6, modality), expected)
 
 
