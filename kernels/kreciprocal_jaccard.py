@@ -20,17 +20,19 @@ rows of V share a column (every V entry is >= e^-4 / (k2 * |row|) > 0, which kee
 below 1 for all k1, k2 in use).
 
 How: every sparse set is a sorted tensor of (row, column) keys ``row * N + column`` (int32 when N^2 < 2^31, which
-CPU torch sorts with a radix sort; int64 beyond). Membership tests are ``searchsorted`` lookups, variable-length rows
-are expanded with ``repeat_interleave``, and per-(row, column) sums are a stable sort + ``unique_consecutive`` +
-``index_add_``. The min-sum expands each entry (i, c) of V over the rows j >= i of column c's inverted-index list into
+CPU torch sorts with a radix sort; int64 beyond). Membership tests are ``searchsorted`` lookups (for the expansion's
+|H_c & A_i| counts, a chunk x N mask set and cleared per row chunk), variable-length rows are expanded with
+``repeat_interleave``, and per-(row, column) sums are a stable sort + ``unique_consecutive`` + ``index_add_``.
+The min-sum expands each entry (i, c) of V over the rows j >= i of column c's inverted-index list into
 (i, j, min(V_ic, V_jc)) triples and sums them by (i, j), per row chunk, either by sorted keys or, when the chunk's
 triples are dense enough, with ``index_add_`` into a chunk x N accumulator. Each pair is computed once, over row i's
 columns in ascending order as in the C++ kernel, and mirrored, so the result is exactly symmetric.
 
 Memory: O(N * L) for the sparse rows (L = the longest row of V after query expansion, <= k2 * k1 * (k1 / 2 + 1)) and
 the output, plus work blocks of about ``_BLOCK`` expanded elements (triples, pair x d products for the dot products)
-in row chunks, and the min-sum accumulator of at most ``_DENSE_RATIO`` x the chunk's triples; never N x N. (A single
-row whose expansion exceeds ``_BLOCK`` forms a block of its own.)
+in row chunks, the expansion step's chunk x N membership mask (``_MARK_BLOCK`` bytes) and the min-sum accumulator of
+at most ``_DENSE_RATIO`` x the chunk's triples; never N x N. (A single row whose expansion exceeds ``_BLOCK`` forms a
+block of its own.)
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from __future__ import annotations
 import torch
 
 _BLOCK = 1 << 22  # elements per work block (expanded triples, pair x feature products)
-_INT32_KEYS = 2**31 - 1  # (row, column) keys below this are sorted as int32: a radix sort, ~20x faster on CPU
+_MARK_BLOCK = 1 << 24  # bytes of the chunk x N membership mask of the expansion step
+_INT32_KEYS = 2**31 - 1  # (row, column) keys below this are sorted as int32 (a radix sort on CPU: much faster)
 # A min-sum row chunk sums its (i, j) contributions in a dense chunk x N float64 accumulator when chunk x N is at most
 # _DENSE_RATIO x its number of contributions (then clearing and scanning the accumulator costs less than sorting),
 # otherwise by sorting the (i, j) keys.
@@ -117,26 +120,33 @@ def _expansion_sets(rank: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
     """Steps 2-3: sorted unique keys i * N + j of the expanded sets E_i."""
     n, k1 = rank.shape
     kh = round(k1 / 2)  # Python's round is round-half-even, like np.around
-    a_width, h_width = k1, min(kh + 1, k1)
-    # recip(i, k) = {R[i][t] : t < width(k), i in R[R[i][t]][:width(k)]}.
-    a_rows, a_pos = torch.nonzero(back < a_width, as_tuple=True)
-    a_cols = rank[a_rows, a_pos]
-    a_keys = _pair_keys(a_rows, a_cols, n, n * n)  # ascending i, then forward order: not sorted within a row
-    a_sorted = torch.sort(a_keys, stable=True).values
+    h_width = min(kh + 1, k1)
+    # recip(i, k) = {R[i][t] : t < width(k), i in R[R[i][t]][:width(k)]}, width(k1) = k1. Absent slots hold N.
+    a_table = torch.where(back < k1, rank, n)
     h_table = rank[:, :h_width]
     h_mask = back[:, :h_width] < h_width
     h_size = h_mask.sum(1)
-    pieces = [a_keys]
-    step = max(1, _BLOCK // h_width)
-    for begin in range(0, a_keys.numel(), step):
-        i, c = a_rows[begin:begin + step], a_cols[begin:begin + step]
-        members, valid = h_table[c], h_mask[c]                     # H_c, (pairs, h_width)
-        keys = _pair_keys(i[:, None], members, n, n * n)
-        in_a = _lookup_sorted(a_sorted, keys.flatten())[0].view_as(valid)
-        common = (in_a & valid).sum(1)
+    a_rows, a_pos = torch.nonzero(a_table < n, as_tuple=True)
+    pieces = [_pair_keys(a_rows, a_table[a_rows, a_pos], n, n * n)]
+    # Membership in A_i through a (rows x (N + 1)) mark table: set for a chunk's A rows, read, then cleared again.
+    step = max(1, min(_BLOCK // (k1 * h_width), _MARK_BLOCK // (n + 1)))
+    marks = torch.zeros(min(step, n) * (n + 1), dtype=torch.bool, device=rank.device)
+    for begin in range(0, n, step):
+        cands = a_table[begin:begin + step]                         # A_i, (rows, k1)
+        rows = torch.arange(cands.shape[0], device=rank.device)[:, None]
+        marked = rows * (n + 1) + cands
+        marks[marked] = True
+        present = cands < n
+        cands = cands.clamp_max(n - 1)
+        members = h_table[cands]                                    # H_c for c in A_i, (rows, k1, h_width)
+        valid = h_mask[cands] & present[:, :, None]
+        in_a = marks[rows[:, :, None] * (n + 1) + members]
+        marks[marked] = False
+        common = (in_a & valid).sum(2)
         # Same float64 test as the community code: |H_c & A_i| > 2/3 * |H_c|.
-        grow = common.double() > (2.0 / 3.0) * h_size[c].double()
-        pieces.append(keys[grow[:, None] & valid & ~in_a])  # members of A_i are in already
+        grow = present & (common.double() > (2.0 / 3.0) * h_size[cands].double())
+        add = grow[:, :, None] & valid & ~in_a  # members of A_i are in already
+        pieces.append(_pair_keys((rows[:, :, None] + begin).expand_as(members)[add], members[add], n, n * n))
     return torch.unique_consecutive(torch.sort(torch.cat(pieces), stable=True).values)
 
 
