@@ -5,9 +5,9 @@ of benchmarks/test_bench_jaccard.py (N = 12,000, d = 2048, k1 = 30, k2 = 6), in 
 (30 samples per identity, its default: about 30 stored distances per row) and ``overlapping`` (1,000 samples per
 identity: reciprocal neighbourhoods overlap, about 250 per row). Each contender runs in a fresh subprocess (this file
 run as a script) so its peak RSS is its own; the subprocess warms the contender up on 1,000 rows, then times only the
-Jaccard call (features and kNN excluded) and reports ``op_seconds``, ``peak_rss_mb`` (process peak) and
-``rss_before_mb`` (peak before the call). The device path checks its result against the C++ op's (same CSR
-structure, values within 1e-6).
+Jaccard call (features and kNN excluded), three times, and reports ``op_seconds`` (the first call),
+``op_seconds_best`` (the best of three), ``peak_rss_mb`` (process peak after the first call) and ``rss_before_mb``
+(peak before it). The device path checks its result against the C++ op's (same CSR structure, values within 1e-6).
 
 On CPU the device path is expected to be slower than the C++ kernel (it is written for a GPU, where sort, searchsorted
 and gathers are fast); this benchmark records by how much. Timings on a shared machine vary.
@@ -25,6 +25,7 @@ import time
 import pytest
 
 N = 12000
+REPEATS = 3  # the first call is the one a training epoch pays; the best of three is less disturbed by other jobs
 PER_IDENTITY = {"separate": 30, "overlapping": 1000}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _results: dict[tuple[str, str], dict] = {}
@@ -51,10 +52,14 @@ def _worker(case: str, regime: str, n: int) -> dict:
     run = {"device": device_kernel.launch, "cpp": torch.ops.vireid.kreciprocal_jaccard}[case]
     warm = feats[:1000].contiguous()  # first-call costs (thread pool, allocator) out of the timed call
     run(warm, *reversed(knn(warm, K1, metric="ip")), K2, None)
-    start = time.perf_counter()
-    crow, col, values = run(feats, rank, sim, K2, None)
-    info["op_seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = _peak_rss_mb()
+    seconds = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        crow, col, values = run(feats, rank, sim, K2, None)
+        seconds.append(time.perf_counter() - start)
+        if len(seconds) == 1:
+            info["peak_rss_mb"] = _peak_rss_mb()
+    info["op_seconds"], info["op_seconds_best"] = seconds[0], min(seconds)
     info["nnz_per_row"] = col.numel() / n
     if case == "device":
         expected = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, K2, None)
@@ -81,9 +86,12 @@ def test_jaccard_device_vs_cpp(benchmark, case, regime):
     if case == "device":
         assert info["same_structure"] and info["max_abs_diff"] <= 1e-6
         if ("cpp", regime) in _results:
-            info["slowdown_vs_cpp"] = info["op_seconds"] / _results["cpp", regime]["op_seconds"]
+            cpp = _results["cpp", regime]
+            info["slowdown_vs_cpp"] = info["op_seconds"] / cpp["op_seconds"]
+            info["slowdown_vs_cpp_best"] = info["op_seconds_best"] / cpp["op_seconds_best"]
     benchmark.extra_info.update(info)
-    print(f"\n{case:8s} {regime:12s} N={N}  op {info['op_seconds']:8.3f} s  peak RSS {info['peak_rss_mb']:8.1f} MB "
+    print(f"\n{case:8s} {regime:12s} N={N}  op {info['op_seconds']:8.3f} s (best of {REPEATS} "
+          f"{info['op_seconds_best']:.3f} s)  peak RSS {info['peak_rss_mb']:8.1f} MB "
           f"(before the call {info['rss_before_mb']:.1f} MB)  {info}")
 
 
