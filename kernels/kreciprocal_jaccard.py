@@ -89,7 +89,7 @@ def _row_chunks(row_cost: torch.Tensor, budget: int, max_rows: int) -> list[tupl
     chunks, begin = [], 0
     while begin < n:
         before = int(ends[begin - 1]) if begin else 0
-        end = int(torch.searchsorted(ends, torch.tensor(before + budget, device=ends.device), right=True))
+        end = int(torch.searchsorted(ends, before + budget, right=True))
         end = min(max(end, begin + 1), begin + max_rows, n)
         chunks.append((begin, end))
         begin = end
@@ -105,8 +105,8 @@ def _csr_rows(row: torch.Tensor, n: int) -> torch.Tensor:
 def _reciprocal_position(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """back[i, t] = the first position of i in R[rank[i, t]] (k1 if absent), and the sorted (i, R[i][t]) edge keys.
 
-    Returns back (N, k1) int64, edge_keys (N * k1,) int64 sorted (key i * N + j), edge_index (N * k1,) int64: the flat
-    position i * k1 + t of each sorted key (the first one for repeated j).
+    Returns back (N, k1) int64, edge_keys (N * k1,) sorted keys i * N + j (int32 or int64, see ``_pair_keys``),
+    edge_index (N * k1,) int64: the flat position i * k1 + t of each sorted key (the first one for repeated j).
     """
     n, k1 = rank.shape
     rows = torch.arange(n, device=rank.device)[:, None]
