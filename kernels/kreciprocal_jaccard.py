@@ -48,6 +48,12 @@ _INT32_KEYS = 2**31 - 1  # (row, column) keys below this are sorted as int32 (a 
 _DENSE_RATIO = 4
 
 
+def _take(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source[index] along dim 0 for an index of any shape, through index_select (far faster than advanced indexing
+    for long random index vectors on CPU)."""
+    return source.index_select(0, index.flatten()).view(*index.shape, *source.shape[1:])
+
+
 def _key_dtype(key_range: int) -> torch.dtype:
     return torch.int32 if key_range <= _INT32_KEYS else torch.int64
 
@@ -62,7 +68,7 @@ def _expand_segments(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.
     """For segments [starts[s], starts[s] + counts[s]): (owner segment, position) of every element, in order."""
     owner = torch.repeat_interleave(counts)
     shift = starts - (torch.cumsum(counts, 0) - counts)  # position = element number + its segment's shift
-    return owner, shift[owner].add_(torch.arange(owner.numel(), device=counts.device))
+    return owner, _take(shift, owner).add_(torch.arange(owner.numel(), device=counts.device))
 
 
 def _lookup_sorted(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +77,7 @@ def _lookup_sorted(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[to
         zeros = torch.zeros_like(queries)
         return zeros.bool(), zeros
     pos = torch.searchsorted(sorted_keys, queries).clamp_max(sorted_keys.numel() - 1)
-    return sorted_keys[pos] == queries, pos
+    return _take(sorted_keys, pos) == queries, pos
 
 
 def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +85,7 @@ def _sum_by_key(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor,
     sorted_keys, order = torch.sort(keys, stable=True)  # stable: each key's values keep their input order
     unique, inverse = torch.unique_consecutive(sorted_keys, return_inverse=True)
     sums = torch.zeros(unique.numel(), dtype=values.dtype, device=values.device)
-    return unique, sums.index_add_(0, inverse, values[order])
+    return unique, sums.index_add_(0, inverse, _take(values, order))
 
 
 def _row_chunks(row_cost: torch.Tensor, budget: int, max_rows: int) -> list[tuple[int, int]]:
@@ -112,7 +118,7 @@ def _reciprocal_position(rank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     rows = torch.arange(n, device=rank.device)[:, None]
     edge_keys, edge_index = torch.sort(_pair_keys(rows, rank, n, n * n).flatten(), stable=True)
     found, pos = _lookup_sorted(edge_keys, _pair_keys(rank, rows, n, n * n).flatten())
-    back = torch.where(found, edge_index[pos] % k1, k1).view(n, k1)
+    back = torch.where(found, _take(edge_index, pos) % k1, k1).view(n, k1)
     return back, edge_keys, edge_index
 
 
@@ -138,13 +144,13 @@ def _expansion_sets(rank: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         marks[marked] = True
         present = cands < n
         cands = cands.clamp_max(n - 1)
-        members = h_table[cands]                                    # H_c for c in A_i, (rows, k1, h_width)
-        valid = h_mask[cands] & present[:, :, None]
-        in_a = marks[rows[:, :, None] * (n + 1) + members]
+        members = _take(h_table, cands)                             # H_c for c in A_i, (rows, k1, h_width)
+        valid = _take(h_mask, cands) & present[:, :, None]
+        in_a = _take(marks, rows[:, :, None] * (n + 1) + members)
         marks[marked] = False
         common = (in_a & valid).sum(2)
         # Same float64 test as the community code: |H_c & A_i| > 2/3 * |H_c|.
-        grow = present & (common.double() > (2.0 / 3.0) * h_size[cands].double())
+        grow = present & (common.double() > (2.0 / 3.0) * _take(h_size, cands).double())
         add = grow[:, :, None] & valid & ~in_a  # members of A_i are in already
         pieces.append(_pair_keys((rows[:, :, None] + begin).expand_as(members)[add], members[add], n, n * n))
     return torch.unique_consecutive(torch.sort(torch.cat(pieces), stable=True).values)
@@ -166,13 +172,13 @@ def _encode(features: torch.Tensor, rank_sim: torch.Tensor | None, e_keys: torch
     for begin in range(0, missing.numel(), step):
         at = missing[begin:begin + step]
         # float32 x float32 products are exact in float64; only the summation order differs from the C++ kernel.
-        sims[at] = (features[rows[at]].double() * features[cols[at]].double()).sum(1)
+        sims[at] = (_take(features, _take(rows, at)).double() * _take(features, _take(cols, at)).double()).sum(1)
     logits = -(2.0 - 2.0 * sims)
     row_max = torch.full((n,), -torch.inf, dtype=torch.float64, device=features.device)
     row_max.scatter_reduce_(0, rows, logits, reduce="amax")
-    weights = torch.exp(logits - row_max[rows])
+    weights = torch.exp(logits - _take(row_max, rows))
     totals = torch.zeros(n, dtype=torch.float64, device=features.device).index_add_(0, rows, weights)
-    return weights / totals[rows]
+    return weights / _take(totals, rows)
 
 
 def _query_expansion(rank: torch.Tensor, k2: int, modality: torch.Tensor | None, v_crow: torch.Tensor,
@@ -184,19 +190,19 @@ def _query_expansion(rank: torch.Tensor, k2: int, modality: torch.Tensor | None,
         weights = torch.full((n, k2), 1.0 / k2, dtype=torch.float64, device=rank.device)
     else:
         # Mean within each modality present among R[i][:k2], then the mean over the present modalities.
-        is_one = modality[neighbours] != 0
+        is_one = _take(modality, neighbours) != 0
         ones = is_one.sum(1, keepdim=True)
         groups = (ones > 0).long() + (ones < k2).long()
         per_group = torch.where(is_one, ones, k2 - ones)
         weights = 1.0 / (groups.double() * per_group.double())
     v_len = v_crow.diff()
-    row_cost = v_len[neighbours].sum(1)
+    row_cost = _take(v_len, neighbours).sum(1)
     rows_out, cols_out, vals_out = [], [], []
     for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _INT32_KEYS // n)):
         sources = neighbours[begin:end].flatten()
-        owner, where = _expand_segments(v_crow[sources], v_len[sources])
-        local_keys = _pair_keys(owner // k2, v_col[where], n, (end - begin) * n)
-        keys, sums = _sum_by_key(local_keys, weights[begin:end].flatten()[owner] * v_val[where])
+        owner, where = _expand_segments(_take(v_crow, sources), _take(v_len, sources))
+        local_keys = _pair_keys(owner // k2, _take(v_col, where), n, (end - begin) * n)
+        keys, sums = _sum_by_key(local_keys, _take(weights[begin:end].flatten(), owner) * _take(v_val, where))
         rows_out.append((keys // n).long() + begin)
         cols_out.append((keys % n).long())
         vals_out.append(sums)
@@ -212,26 +218,26 @@ def _min_sum_distances(q_crow: torch.Tensor, q_col: torch.Tensor,
     q_row = torch.repeat_interleave(torch.arange(n, device=device), q_crow.diff())
     # Inverted index: column c's rows ascending; an entry's own slot there is where its j >= i part starts.
     inv_order = torch.sort(_pair_keys(q_col, q_row, n, n * n), stable=True).indices
-    inv_row, inv_val = q_row[inv_order].to(_key_dtype(n * n)), q_val[inv_order]
+    inv_row, inv_val = _take(q_row, inv_order).to(_key_dtype(n * n)), _take(q_val, inv_order)
     inv_end = _csr_rows(q_col, n)[1:]
     own_slot = torch.empty_like(inv_order)
     own_slot[inv_order] = torch.arange(inv_order.numel(), device=device)
-    reach = inv_end[q_col] - own_slot  # rows j >= i holding column c
+    reach = _take(inv_end, q_col) - own_slot  # rows j >= i holding column c
     row_cost = torch.zeros(n, dtype=torch.int64, device=device).index_add_(0, q_row, reach)
     out_i, out_j, out_d = [], [], []
     for begin, end in _row_chunks(row_cost, _BLOCK, max(1, _INT32_KEYS // n)):
         lo, hi = int(q_crow[begin]), int(q_crow[end])
         owner, where = _expand_segments(own_slot[lo:hi], reach[lo:hi])
-        mins = torch.minimum(q_val[lo:hi][owner], inv_val[where])
+        mins = torch.minimum(_take(q_val[lo:hi], owner), _take(inv_val, where))
         span = (end - begin) * n
         row_keys = _pair_keys(q_row[lo:hi] - begin, torch.zeros((), dtype=torch.int64, device=device), n, span)
-        local_keys = row_keys[owner].add_(inv_row[where])
+        local_keys = _take(row_keys, owner).add_(_take(inv_row, where))
         del owner, where
         # Each (i, j) receives its contributions in ascending column order, as in the C++ kernel; all are > 0.
         if span <= _DENSE_RATIO * local_keys.numel():
             acc = torch.zeros(span, dtype=torch.float64, device=device).index_add_(0, local_keys, mins)
             keys = torch.nonzero(acc).flatten()
-            sums = acc[keys]
+            sums = _take(acc, keys)
         else:
             keys, sums = _sum_by_key(local_keys, mins)
         del local_keys, mins
@@ -291,4 +297,4 @@ def launch(features: torch.Tensor, initial_rank: torch.Tensor, rank_sim: torch.T
     cols = torch.cat([up_j, up_i[off_diagonal]])
     values = torch.cat([up_d, up_d[off_diagonal]])
     order = torch.sort(_pair_keys(rows, cols, n, n * n), stable=True).indices
-    return _csr_rows(rows, n), cols[order], values[order]
+    return _csr_rows(rows, n), _take(cols, order), _take(values, order)
