@@ -50,6 +50,19 @@ def test_forced_triton_without_interpreter_is_explicit(backend, monkeypatch):
         _registry.choose_backend("sinkhorn", torch.device("cpu"))
 
 
+def test_cuda_route_without_triton(monkeypatch):
+    # Ops whose kernels/ module is plain torch (Jaccard) or a host copy (DBSCAN) keep it when Triton is missing;
+    # Triton kernels fall back to the reference.
+    monkeypatch.delenv("VIREID_BACKEND", raising=False)
+    monkeypatch.setattr(_registry, "triton_status", lambda: (False, "triton is not installed"))
+    cuda = torch.device("cuda")
+    for op in ("kreciprocal_jaccard", "dbscan_csr", "dbscan_dense"):
+        assert _registry.choose_backend(op, cuda) == "triton"
+    monkeypatch.setattr(_registry, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="uses the reference"):
+        assert _registry.choose_backend("cmfp", cuda) == "reference"
+
+
 def test_auto_choice_on_cpu(monkeypatch):
     monkeypatch.delenv("VIREID_BACKEND", raising=False)
     assert _registry.choose_backend("sinkhorn", torch.device("cpu")) == ("cpp" if CPP_OK else "reference")

@@ -26,6 +26,7 @@ from .. import _extension
 from ._schemas import SCHEMAS
 
 BACKENDS = ("reference", "cpp", "triton")
+_TRITON_FREE: set[str] = set()  # ops whose CUDA route does not use Triton
 
 _python_lib: torch.library.Library | None = None
 _impl_lib = torch.library.Library("vireid", "IMPL")  # noqa: TOR901 - kept alive for the process
@@ -83,6 +84,8 @@ def choose_backend(op: str, device: torch.device) -> str:
     if device.type == "cpu":
         return "cpp" if _extension.status()[0] else "reference"  # the loader already warned once
     if device.type == "cuda":
+        if op in _TRITON_FREE:  # its kernels/ module is plain torch (or a host copy): no Triton needed
+            return "triton"
         ok, reason = triton_status()
         if ok:
             return "triton"
@@ -96,11 +99,12 @@ def triton_module(op: str):
 
 
 def register(op: str, *, reference: Callable, fake: Callable, kernel_module: str | None = None,
-             launcher: str = "launch") -> None:
+             launcher: str = "launch", needs_triton: bool = True) -> None:
     """Register the Python-side kernels of ``vireid::<op>`` (idempotent).
 
     ``reference`` takes the op's schema arguments and serves every device without a dedicated kernel. CUDA tensors go
-    to ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable.
+    to ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable, or always
+    when ``needs_triton`` is False (modules written in torch ops or routing to a host copy).
     """
     global _python_lib
     if op in _registered:
@@ -111,9 +115,11 @@ def register(op: str, *, reference: Callable, fake: Callable, kernel_module: str
             _python_lib = torch.library.Library("vireid", "DEF")  # noqa: TOR901
         _python_lib.define(SCHEMAS[op])
     _impl_lib.impl(op, reference, "CompositeExplicitAutograd")
+    if not needs_triton:
+        _TRITON_FREE.add(op)
 
     def cuda_kernel(*args):
-        ok, reason = triton_status()
+        ok, reason = (True, "") if not needs_triton else triton_status()
         if not ok:
             warn_once(f"triton:{op}", f"vireid_fast: Triton unavailable ({reason}); {op} on CUDA uses the reference")
             return reference(*args)

@@ -21,8 +21,8 @@ def _csr_fake(crow, col, values, eps, min_samples, fill):
     return crow.new_empty((crow.shape[0] - 1,), dtype=torch.int64)
 
 
-_registry.register("dbscan_dense", reference=dbscan_dense_ref, fake=_dense_fake)
-_registry.register("dbscan_csr", reference=dbscan_csr_ref, fake=_csr_fake)
+_registry.register("dbscan_dense", reference=dbscan_dense_ref, fake=_dense_fake, needs_triton=False)
+_registry.register("dbscan_csr", reference=dbscan_csr_ref, fake=_csr_fake, needs_triton=False)
 
 
 def dbscan(dist: torch.Tensor, eps: float, min_samples: int, *, fill: float = 1.0) -> torch.Tensor:

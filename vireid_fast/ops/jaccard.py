@@ -25,7 +25,8 @@ def _jaccard_fake(features, initial_rank, rank_sim, k2, modality):
             features.new_empty((nnz,)))
 
 
-_registry.register("kreciprocal_jaccard", reference=kreciprocal_jaccard_ref, fake=_jaccard_fake)
+_registry.register("kreciprocal_jaccard", reference=kreciprocal_jaccard_ref, fake=_jaccard_fake,
+                   needs_triton=False)
 
 
 def csr_to_dense(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int,
