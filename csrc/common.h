@@ -88,6 +88,10 @@ Isa cpu_isa();
 // follows torch's matmul precision settings.
 void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
 
+// Asks the kernel to back [p, p + bytes) with transparent huge pages where it allows them on request ("madvise"
+// mode): first-touch page faults on buffers of hundreds of MB cost more than filling them. No-op below 8 MB.
+void advise_huge_pages(void* p, size_t bytes);
+
 }  // namespace vireid
 
 // Compiles a function body (an always-inline template `NAME##_body<T>`) three times, for AVX-512, AVX2+FMA and the

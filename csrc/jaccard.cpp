@@ -48,6 +48,10 @@ Csr<V> build_rows(int64_t n, RowFn row_fn) {
   Csr<V> out;
   out.ptr.assign(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) out.ptr[i + 1] = out.ptr[i] + counts[i];
+  out.col.reserve(out.ptr[n]);
+  out.val.reserve(out.ptr[n]);
+  advise_huge_pages(out.col.data(), out.ptr[n] * sizeof(int32_t));
+  advise_huge_pages(out.val.data(), out.ptr[n] * sizeof(V));
   out.col.resize(out.ptr[n]);
   out.val.resize(out.ptr[n]);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
@@ -315,6 +319,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   at::Tensor values = at::empty({nnz}, features.options());
   int64_t* colp = col.data_ptr<int64_t>();
   float* valp = values.data_ptr<float>();
+  advise_huge_pages(colp, nnz * sizeof(int64_t));
+  advise_huge_pages(valp, nnz * sizeof(float));
   at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       int64_t out = crowp[i] + lower_count[i];

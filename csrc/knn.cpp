@@ -245,7 +245,10 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   // in CMFP's cross-modality blocks 7% overflow 4k).
   const int64_t C = std::min<int64_t>(M, k + (bf16 ? std::max<int64_t>(5 * k, 64) : std::max<int64_t>(k, 16)));
   const int64_t cap = 2 * C + kChunk;  // the buffer is cut back to C once it holds more than 2C
-  std::vector<Cand> heaps(static_cast<size_t>(N) * cap);
+  std::vector<Cand> heaps;
+  heaps.reserve(static_cast<size_t>(N) * cap);
+  advise_huge_pages(heaps.data(), static_cast<size_t>(N) * cap * sizeof(Cand));
+  heaps.resize(static_cast<size_t>(N) * cap);
   std::vector<int64_t> sizes(N, 0);
   // Before the first cut every score enters: the cut starts as the worst possible entry.
   std::vector<Cand> cuts(N, Cand{-std::numeric_limits<float>::infinity(), std::numeric_limits<int32_t>::max()});
