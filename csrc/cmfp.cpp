@@ -110,8 +110,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
       for (int64_t r = 0; r < q.size(0); ++r) dst[row0 + r] = std::move(part[r]);
     };
     run(sv, svp, fvp, sv, svp, fvp, kv, 0, kept_v);
-    run(sv, svp, fvp, sr, srp, frp, kr, 0, kept_r);
-    run(sr, srp, frp, sv, svp, fvp, kv, nv, kept_v);
+    if (kv == k + 1 && kr == k + 1) {
+      // Svr and Srv are transposes: one sweep of the visible x infrared tiles serves both.
+      const auto [v_vr, i_vr, v_rv, i_rv] = knn_exact_both(sv, sr, k + 1, false, bf16);
+      part.assign(nv, Kept<T>());
+      select_block<T>(v_vr, i_vr, k, svp, srp, fvp, frp, nr, d, part);
+      for (int64_t r = 0; r < nv; ++r) kept_r[r] = std::move(part[r]);
+      part.assign(nr, Kept<T>());
+      select_block<T>(v_rv, i_rv, k, srp, svp, frp, fvp, nv, d, part);
+      for (int64_t r = 0; r < nr; ++r) kept_v[nv + r] = std::move(part[r]);
+    } else {  // k = min(Nv, Nr): the smaller block keeps every column
+      run(sv, svp, fvp, sr, srp, frp, kr, 0, kept_r);
+      run(sr, srp, frp, sv, svp, fvp, kv, nv, kept_v);
+    }
     run(sr, srp, frp, sr, srp, frp, kr, nv, kept_r);
   }
 

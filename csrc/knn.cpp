@@ -184,8 +184,10 @@ double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d)
 
 // Searches every row of x against y, writing the exact top-k to vp/ip (row-major, k per row). Rows whose candidate
 // margin is too thin are either redone here by an exact scan (bf16 == false) or returned for an fp32 pass.
+// split > 0 (with self): x = [a; b] with a = rows [0, split); rows of a search b and rows of b search a, each tile
+// of a x b scored once and merged both ways (candidate indices stay in x's numbering).
 std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t k, bool l2, bool bf16, bool self,
-                              float* vp, int64_t* ip) {
+                              float* vp, int64_t* ip, int64_t split = 0) {
   const int64_t N = x.size(0), M = y.size(0), d = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
@@ -259,10 +261,11 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     else
       merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
   };
-  for (int64_t i0 = 0; i0 < N; i0 += kTileRows) {
-    const int64_t i1 = std::min(N, i0 + kTileRows);
+  const int64_t row_end = split > 0 ? split : N;
+  for (int64_t i0 = 0; i0 < row_end; i0 += kTileRows) {
+    const int64_t i1 = std::min(row_end, i0 + kTileRows);
     const at::Tensor xb = xa.slice(0, i0, i1);
-    for (int64_t j0 = self ? i0 : 0; j0 < M; j0 += kTileCols) {
+    for (int64_t j0 = split > 0 ? split : self ? i0 : 0; j0 < M; j0 += kTileCols) {
       const int64_t j1 = std::min(M, j0 + kTileCols);
       at::Tensor tile = at::empty({i1 - i0, j1 - j0}, xa.options());
       gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
@@ -276,7 +279,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
         }
       });
       // Symmetric search: the same tile, transposed, serves rows j0..j1 against columns i0..i1.
-      if (self && j0 > i0) {
+      if (self && (split > 0 || j0 > i0)) {
         const at::Tensor tt = tile.t().contiguous();
         const int64_t nr = i1 - i0;
         at::parallel_for(j0, j1, 16, [&](int64_t b, int64_t e) {
@@ -390,8 +393,11 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       std::vector<Exact> pool(M);
       for (int64_t r = b; r < e; ++r) {
         const int64_t i = redo[r];
-        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, all.data(), M, keys.data());
-        for (int64_t j = 0; j < M; ++j) pool[j] = {keys[j], static_cast<int32_t>(j)};
+        // split: the other side only
+        const int64_t j0 = split > 0 && i < split ? split : 0, j1 = split > 0 && i >= split ? split : M;
+        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, all.data() + j0, j1 - j0, keys.data());
+        pool.resize(j1 - j0);
+        for (int64_t j = j0; j < j1; ++j) pool[j - j0] = {keys[j - j0], static_cast<int32_t>(j)};
         write_row(pool, k, l2, vp + i * k, ip + i * k);
       }
     });
@@ -413,6 +419,51 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_exact_both(const at::Tensor& a, const at::Tensor& b,
+                                                                          int64_t k, bool l2, bool bf16) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.dim() == 2 && b.dim() == 2 &&
+                  a.size(1) == b.size(1),
+              "vireid::knn: a and b must be 2-D float32 with the same number of columns");
+  const int64_t na = a.size(0), nb = b.size(0), d = a.size(1);
+  TORCH_CHECK(na > 0 && nb > 0 && d > 0 && k >= 1 && k <= std::min(na, nb),
+              "vireid::knn: need 1 <= k <= min(rows of a, rows of b)");
+  TORCH_CHECK(na + nb < (int64_t(1) << 31), "vireid::knn: at most 2^31 - 1 rows");
+  const at::Tensor z = at::cat({a, b}, 0).contiguous();
+  const int64_t n = na + nb;
+  std::vector<float> vals(static_cast<size_t>(n) * k);
+  std::vector<int64_t> inds(static_cast<size_t>(n) * k);
+  const std::vector<int64_t> redo = knn_impl(z, z, k, l2, bf16, true, vals.data(), inds.data(), na);
+  // bf16 margins too thin for these rows: an fp32 candidate pass over them against the other side.
+  for (int side = 0; side < 2; ++side) {
+    std::vector<int64_t> rows;
+    for (const int64_t r : redo)
+      if ((r >= na) == (side == 1)) rows.push_back(r);
+    if (rows.empty()) continue;
+    const int64_t R = static_cast<int64_t>(rows.size());
+    const at::Tensor sel = at::from_blob(rows.data(), {R}, at::kLong).clone();
+    const at::Tensor q = z.index_select(0, sel).contiguous();
+    const at::Tensor db = side == 0 ? b.contiguous() : a.contiguous();
+    std::vector<float> rv(R * k);
+    std::vector<int64_t> ri(R * k);
+    knn_impl(q, db, k, l2, false, false, rv.data(), ri.data());
+    const int64_t offset = side == 0 ? na : 0;  // back to z's numbering, undone below
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t t = 0; t < k; ++t) {
+        vals[rows[r] * k + t] = rv[r * k + t];
+        inds[rows[r] * k + t] = ri[r * k + t] + offset;
+      }
+  }
+  at::Tensor va = at::empty({na, k}, a.options()), ia = at::empty({na, k}, a.options().dtype(at::kLong));
+  at::Tensor vb = at::empty({nb, k}, a.options()), ib = at::empty({nb, k}, a.options().dtype(at::kLong));
+  std::copy(vals.begin(), vals.begin() + na * k, va.data_ptr<float>());
+  std::copy(vals.begin() + na * k, vals.end(), vb.data_ptr<float>());
+  int64_t* iap = ia.data_ptr<int64_t>();
+  int64_t* ibp = ib.data_ptr<int64_t>();
+  for (int64_t e = 0; e < na * k; ++e) iap[e] = inds[e] - na;
+  std::copy(inds.begin() + na * k, inds.end(), ibp);
+  return {va, ia, vb, ib};
+}
 
 bool knn_bf16_worthwhile(int64_t n, int64_t m, int64_t d) {
   // Native bf16 dot products make the bf16 GEMM ~3-4x faster than fp32; below ~1 GMAC the extra rounding pass and

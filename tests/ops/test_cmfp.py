@@ -92,6 +92,19 @@ def test_ties_are_all_kept(backend, name):
     assert int(counts.max()) > 2 * k  # some rows keep more than k per block through ties
 
 
+@pytest.mark.parametrize("nr, prototypes", [(1024, 10), (1024, 40), (700, 40)])
+def test_cpp_large_ties_bf16_search(backend, nr, prototypes):
+    # (Nv+Nr)^2 d >= 2^30 at nr=1024: the bf16 candidate search, with the cross blocks in one two-way sweep. Rows are
+    # copies of {-1, 0, 1} prototypes: every score is an integer, exact in fp32 and bf16 alike, and each row has
+    # ~25 (40 prototypes) or ~100 (10: more than the bf16 pool of 70) exact ties at its threshold, so rows are
+    # rescanned for ties, or their pools overflow and they are redone by the fp32 pass.
+    g = torch.Generator().manual_seed(3)
+    protos = torch.randint(-1, 2, (prototypes, 256), generator=g).float()
+    fv = protos[torch.randint(0, prototypes, (1024,), generator=g)].contiguous()
+    fr = protos[torch.randint(0, prototypes, (nr,), generator=g)].contiguous()
+    _assert_same(_run(fv, fr, 5, "cpp", backend), cmfp_ref(fv, fr, 5), 1e-5)
+
+
 @pytest.mark.parametrize("name", ["cpp", "reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_block_without_positive_similarity(backend, name):
     # every visible-infrared similarity is negative: the cross blocks contribute nothing (the community code: NaN)
