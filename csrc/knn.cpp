@@ -158,12 +158,6 @@ VIREID_ALWAYS_INLINE void exact_keys_body(const float* xi, double nx2, const flo
 }
 VIREID_MULTIVERSION(exact_keys)
 
-struct Live {
-  double upper;  // upper bound of the exact score
-  int32_t index;
-  float score;   // approximate score
-};
-
 struct Exact {
   double key;
   int32_t index;
@@ -181,6 +175,49 @@ void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_
 }
 
 double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
+
+// Exact keys of (row, candidate) pairs: row i of x owns pairs [ptr[i], ptr[i + 1]); pair(i, t) returns the
+// candidate's row of y and where to store its key. Pairs are bucketed by (row block, candidate block) and each bucket
+// is scored in one go, so a block of y rows is read from memory once per bucket instead of once per pair.
+template <typename PairFn>
+void exact_keys_blocked(const float* x, const double* nx2, int64_t N, const float* y, const double* ny2, int64_t M,
+                        int64_t d, bool l2, const std::vector<int64_t>& ptr, PairFn pair) {
+  const int64_t total = ptr[N];
+  if (total == 0) return;
+  const int64_t rows_per_block = std::max<int64_t>(16, (int64_t{1} << 20) / (d * static_cast<int64_t>(sizeof(float))));
+  const int64_t row_blocks = (N + rows_per_block - 1) / rows_per_block;
+  const int64_t col_blocks = (M + rows_per_block - 1) / rows_per_block;
+  // Counting sort of the pairs by candidate block, within each row block (row blocks are contiguous in ptr).
+  struct Item {
+    int32_t row, col;
+    double* out;
+  };
+  std::vector<Item> items(total);
+  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
+    std::vector<int64_t> count(col_blocks + 1);
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) count[pair(i, t).first / rows_per_block + 1]++;
+      for (int64_t c = 0; c < col_blocks; ++c) count[c + 1] += count[c];
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) {
+          const auto [j, out] = pair(i, t);
+          items[ptr[i0] + count[j / rows_per_block]++] = {static_cast<int32_t>(i), j, out};
+        }
+    }
+  });
+  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
+    for (int64_t rb = rb0; rb < rb1; ++rb) {
+      const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
+      for (int64_t p = ptr[i0]; p < ptr[i1]; ++p) {
+        const Item& it = items[p];
+        exact_keys<float>(x + static_cast<int64_t>(it.row) * d, nx2[it.row], y, ny2, d, l2, &it.col, 1, it.out);
+      }
+    }
+  });
+}
 
 // Searches every row of x against y, writing the exact top-k to vp/ip (row-major, k per row). Rows whose candidate
 // margin is too thin are either redone here by an exact scan (bf16 == false) or returned for an fp32 pass.
@@ -295,30 +332,19 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   }
 
   // ---- exact re-score of the candidates that can still be in the top k ----
-  // The re-score reads each candidate's row of y from memory. Rows are visited grouped by their best candidate, so
-  // rows of one cluster, which share most candidates, run back to back and find those rows in cache.
-  std::vector<int64_t> visit(N);
-  {
-    std::vector<std::pair<int32_t, int32_t>> key(N);
-    at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const Cand* h = heaps.data() + i * cap;
-        Cand best = h[0];
-        for (int64_t c = 1; c < sizes[i]; ++c)
-          if (ranks_before(h[c].score, h[c].index, best.score, best.index)) best = h[c];
-        key[i] = {best.index, static_cast<int32_t>(i)};
-      }
-    });
-    std::sort(key.begin(), key.end());
-    for (int64_t p = 0; p < N; ++p) visit[p] = key[p].second;
-  }
+  // Per row: the live candidates (upper bound >= the k-th largest lower bound L), best first by approximate score.
+  // Their exact scores come in two blocked passes over (row block x candidate block) buckets, so each database row
+  // is read from memory once per bucket rather than once per (row, candidate) pair: first the k best-ranked (the
+  // exact top k nearly always); then, with the k-th exact score E in hand, only the rest whose upper bound reaches E.
   std::vector<char> overflow(N, 0);
+  std::vector<int64_t> live_n(N, 0);
+  auto delta_of = [&](int64_t i, const Cand& c) {
+    // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
+    return bound[i] + rel * (1.0 + 4.0 * u32) * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
+  };
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     std::vector<double> lower(C);
-    std::vector<Live> live;
-    std::vector<Exact> pool, best;  // best: max-heap of the k best exact keys so far
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t i = visit[p];
+    for (int64_t i = b; i < e; ++i) {
       Cand* h = heaps.data() + i * cap;
       int64_t n = sizes[i];
       const bool dropped = n > C || cuts[i].index != std::numeric_limits<int32_t>::max();
@@ -329,12 +355,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       Cand worst = h[0];
       for (int64_t c = 1; c < n; ++c)
         if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
-      // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
-      auto delta = [&](const Cand& c) {
-        return bound[i] + rel * (1.0 + 4.0 * u32) * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
-      };
       // L = k-th largest lower bound: the exact k-th best score is at least L.
-      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta(h[c]);
+      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta_of(i, h[c]);
       std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
       const double L = lower[k - 1];
       // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
@@ -345,37 +367,53 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
         overflow[i] = 1;
         continue;
       }
-      // Re-score best-first: once k candidates are exact, the k-th best exact score E replaces the lower bound L,
-      // and a candidate whose upper bound is below E cannot enter (about half the window of L for bf16 scores).
-      live.clear();
-      for (int64_t c = 0; c < n; ++c) {
-        const double upper = static_cast<double>(h[c].score) + delta(h[c]);
-        if (upper >= L) live.push_back({upper, h[c].index, h[c].score});
+      int64_t w = 0;
+      for (int64_t c = 0; c < n; ++c)
+        if (static_cast<double>(h[c].score) + delta_of(i, h[c]) >= L) h[w++] = h[c];
+      std::sort(h, h + w, BestFirst());
+      live_n[i] = w;
+    }
+  });
+  std::vector<int64_t> key_off(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i) key_off[i + 1] = key_off[i] + live_n[i];
+  std::vector<double> keys(key_off[N], std::numeric_limits<double>::quiet_NaN());
+  // Head pass: the first min(k, live) candidates of every row.
+  std::vector<int64_t> pairs_ptr(N + 1, 0);
+  for (int64_t i = 0; i < N; ++i) pairs_ptr[i + 1] = pairs_ptr[i] + std::min<int64_t>(k, live_n[i]);
+  exact_keys_blocked(xp, nx2.data(), N, yp, ny2.data(), M, d, l2, pairs_ptr, [&](int64_t i, int64_t t) {
+    return std::pair<int32_t, double*>(heaps[i * cap + t].index, &keys[key_off[i] + t]);
+  });
+  // Tail pass: the remaining live candidates whose upper bound reaches the k-th exact score of the head.
+  std::vector<std::vector<int32_t>> tail(N);
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    std::vector<double> head;
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t n = live_n[i];
+      if (overflow[i] || n <= k) continue;
+      head.assign(keys.begin() + key_off[i], keys.begin() + key_off[i] + k);
+      const double kth_key = *std::max_element(head.begin(), head.end());
+      // the k-th exact key as a score (ip: -key, l2: (||x||^2 - key) / 2)
+      const double e_score = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
+      const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
+      for (int64_t t = k; t < n; ++t) {
+        const Cand& c = heaps[i * cap + t];
+        if (static_cast<double>(c.score) + delta_of(i, c) + slack >= e_score) tail[i].push_back(static_cast<int32_t>(t));
       }
-      std::sort(live.begin(), live.end(), [](const Live& a, const Live& b) {
-        return ranks_before(a.score, a.index, b.score, b.index);
-      });
+    }
+  });
+  for (int64_t i = 0; i < N; ++i) pairs_ptr[i + 1] = pairs_ptr[i] + static_cast<int64_t>(tail[i].size());
+  exact_keys_blocked(xp, nx2.data(), N, yp, ny2.data(), M, d, l2, pairs_ptr, [&](int64_t i, int64_t t) {
+    const int64_t slot = tail[i][t];
+    return std::pair<int32_t, double*>(heaps[i * cap + slot].index, &keys[key_off[i] + slot]);
+  });
+  at::parallel_for(0, N, 64, [&](int64_t b, int64_t e) {
+    std::vector<Exact> pool;
+    for (int64_t i = b; i < e; ++i) {
+      if (overflow[i]) continue;
       pool.clear();
-      best.clear();
-      for (const Live& c : live) {
-        if (static_cast<int64_t>(best.size()) == k) {
-          // best.front() is the k-th best so far; its key as a score (ip: -key, l2: (||x||^2 - key) / 2).
-          const double kth_key = best.front().key;
-          const double e_score = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
-          const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
-          if (c.upper + slack < e_score) continue;
-        }
-        double key;
-        exact_keys<float>(xp + i * d, nx2[i], yp, ny2.data(), d, l2, &c.index, 1, &key);
-        pool.push_back({key, c.index});
-        if (static_cast<int64_t>(best.size()) < k) {
-          best.push_back(pool.back());
-          std::push_heap(best.begin(), best.end());
-        } else if (pool.back() < best.front()) {
-          std::pop_heap(best.begin(), best.end());
-          best.back() = pool.back();
-          std::push_heap(best.begin(), best.end());
-        }
+      for (int64_t t = 0; t < live_n[i]; ++t) {
+        const double key = keys[key_off[i] + t];
+        if (!std::isnan(key)) pool.push_back({key, heaps[i * cap + t].index});  // NaN: pruned, never scored
       }
       write_row(pool, k, l2, vp + i * k, ip + i * k);
     }
