@@ -261,8 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> memory_contrastive_cpu(const at::
   AT_DISPATCH_FLOATING_TYPES(dtype, "memory_contrastive_cpu", [&] {
     std::vector<scalar_t> norms;
     normalize_rows<scalar_t>(inputs_t, xn, norms);
-    logits = at::empty({B, C}, xn.options());
-    gemm_nt_out(logits, xn, mem);  // oneDNN for fp32 (up to 2x MKL's sgemm on some CPUs)
+    logits = at::mm(xn, mem.t()).contiguous();
     scalar_t* lg = logits.data_ptr<scalar_t>();
     const scalar_t* sp = soft.defined() ? soft.data_ptr<scalar_t>() : nullptr;
     const int64_t* y = labels.data_ptr<int64_t>();
@@ -323,10 +322,7 @@ at::Tensor memory_contrastive_backward_cpu(const at::Tensor& grad_loss, const at
         grad_row<scalar_t>(lgp + i * C, C, lsp[i], sp ? sp + i * C : nullptr, y[i], scale, gl + i * C);
       }
     });
-    // memory before the update; oneDNN wants it as (D, C): one transposed copy (4 MB at C=500) still beats MKL.
-    at::Tensor grad_x = at::empty({B, D}, inputs_t.options());
-    const at::Tensor memory_t = memory.t().contiguous();
-    gemm_nt_out(grad_x, grad_logits, memory_t);
+    at::Tensor grad_x = at::mm(grad_logits, memory);  // memory before the update
     scalar_t* gx = grad_x.data_ptr<scalar_t>();
     const scalar_t* xp = xn.data_ptr<scalar_t>();
     at::parallel_for(0, B, row_grain(D), [&](int64_t r0, int64_t r1) {
