@@ -34,6 +34,17 @@ Isa cpu_isa() {
   return isa;
 }
 
+}  // namespace vireid
+
+// ATen's oneDNN matmul on dense tensors (aten/src/ATen/native/mkldnn/Matmul.h, not among the installed headers).
+// Declared weak: a torch build without it leaves the pointer null and the conversion path below runs instead.
+namespace at::native {
+__attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                                         float beta, float alpha);
+}  // namespace at::native
+
+namespace vireid {
+
 static bool full_fp32_matmul() {
   auto& ctx = at::globalContext();
   if (ctx.float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST) return false;
@@ -43,6 +54,11 @@ static bool full_fp32_matmul() {
 
 void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
   if (lhs.scalar_type() == at::kFloat && at::hasMKLDNN() && full_fp32_matmul()) {
+    if (at::native::mkldnn_matmul != nullptr && out.is_contiguous()) {
+      // oneDNN on the plain buffers (strided views, no conversion copies)
+      at::native::mkldnn_matmul(lhs, rhs.t(), out, 0.0f, 1.0f);
+      return;
+    }
     constexpr int64_t kBlock = 2048;  // bounds the conversion copies of rhs
     const at::Tensor lhs_m = lhs.contiguous().to_mkldnn();
     for (int64_t c = 0; c < rhs.size(0); c += kBlock) {

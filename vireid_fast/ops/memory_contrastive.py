@@ -148,7 +148,7 @@ def _check_targets(targets, batch: int, classes: int) -> torch.Tensor:
         raise TypeError(f"targets must be an integer tensor of labels, got {targets.dtype}")
     targets = targets.to(torch.int64).contiguous()
     if not tracing():
-        lo, hi = int(targets.min()), int(targets.max())
+        lo, hi = (int(v) for v in torch.aminmax(targets))
         if lo < 0 or hi >= classes:
             raise ValueError(f"targets must lie in [0, {classes}) (one row of memory per label), got values in "
                              f"[{lo}, {hi}]; relabel the batch or rebuild the memory with more rows")
