@@ -14,6 +14,8 @@ autograd engine runs the later call's backward first. Nothing is cloned, so no v
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _registry
@@ -56,6 +58,7 @@ def _setup_context(ctx, inputs, output):
     inp, targets, memory, soft_targets, temp, momentum, update = inputs
     _, logits, lse = output
     ctx.mark_non_differentiable(logits, lse)
+    ctx.set_materialize_grads(False)  # no (B, C) zeros for the logits' absent gradient
     ctx.save_for_backward(inp, targets, soft_targets, logits, lse)
     # Kept as a plain reference, not saved: the backward must see (and update) the live buffer, which another call's
     # backward may already have updated (see the module docstring).
@@ -69,6 +72,8 @@ def _soft_grad(grad_loss, logits, lse):
 
 
 def _backward(ctx, grad_loss, grad_logits, grad_lse):
+    if grad_loss is None:  # grads are not materialised: the loss took no part in this backward
+        return None, None, None, None, None, None, None
     inp, targets, soft_targets, logits, lse = ctx.saved_tensors
     temp, momentum, update = ctx.hyper
     grad_inputs = torch.ops.vireid.memory_contrastive_backward(grad_loss, inp, targets, ctx.memory, soft_targets,
@@ -218,7 +223,7 @@ def memory_contrastive(inputs: torch.Tensor, targets: torch.Tensor, memory: torc
         loss = torch.ops.vireid.memory_contrastive(inputs, targets, memory, soft_targets, temp, momentum, update)[0]
     # Any NaN/Inf in inputs or memory makes the loss NaN (normalisation and log-sum-exp propagate it), so one scalar
     # test replaces two full scans; the culprit is looked up only then. The forward never touches memory.
-    if not tracing() and not bool(torch.isfinite(loss)):
+    if not tracing() and not math.isfinite(loss.item()):  # item(): one sync, no temporaries (isfinite makes three)
         check_finite("inputs", inputs)
         check_finite("memory", memory)
         if soft_targets is not None:
