@@ -3,8 +3,8 @@
 faiss's flat search (CPU: ``faiss.knn`` on numpy arrays, the code behind ``IndexFlatIP`` / ``IndexFlatL2``; CUDA:
 ``faiss.knn_gpu`` on torch tensors through ``faiss.contrib.torch_utils``) scores in float32 and breaks ties
 arbitrarily, so here it only *proposes* candidates. The result is the one every vireid backend returns:
-``score(i, j)`` = the float64 sum of the float32 products (summed like the C++ kernel: eight strided accumulators,
-then a pairwise combine), ``"ip"`` ranks by the largest score, ``"l2"`` by the smallest ``||x||^2 + ||y||^2 -
+``score(i, j)`` = the float64 sum of the float32 products (summed like the C++ kernel: 32 strided accumulators,
+then a fixed folding), ``"ip"`` ranks by the largest score, ``"l2"`` by the smallest ``||x||^2 + ||y||^2 -
 2 score``, equal keys go to the lower index, values are the float32 of the float64 key.
 
 How: faiss returns the best C = min(M, k + max(k, 16)) approximate candidates per row. Every float32 distance faiss
@@ -40,7 +40,7 @@ INSTALL_HINT = ("faiss is not installed: `pip install faiss-cpu` (CPU tensors), 
 # faiss's GPU k-selection handles at most this many neighbours per query (GPU_MAX_SELECTION_K).
 _GPU_MAX_K = 2048
 _SAFETY = 2.0
-# Float64 elements of the temporaries: norms (rows x d) 32 MiB; re-score accumulators (rows x W x 8) 2 MiB, cache-sized.
+# Float64 elements of the temporaries: norms (rows x d) 32 MiB; re-score accumulators (rows x W x 32) 2 MiB.
 _RESCORE_BUDGET = 2**22
 _ACC_BUDGET = 2**18
 # Query rows handed to faiss per call (its BLAS path blocks queries by 4096 itself).
@@ -89,23 +89,26 @@ def _faiss_search(x: torch.Tensor, y: torch.Tensor, c: int, l2: bool) -> tuple[t
 
 
 # The exact scores are summed as ``dot_exact`` in csrc/common.h, so that they carry the C++ kernel's bits: accumulator
-# u (0..7) adds the products of the columns t = u mod 8 in order of t, starting from +0.0, then
-# ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)). Products of float32 numbers are exact in float64, so whether a
-# multiply-add is fused does not matter. Columns are handled as "slabs" of 8 (zero-padded: adding +0.0 to a partial
-# sum that is never -0.0 leaves it unchanged).
+# u (0..31) adds the products of the columns t = u mod 32 in order of t, starting from +0.0, then the accumulators are
+# folded as acc[u] += acc[u + w] for w = 16, 8, 4, 2, 1. Products of float32 numbers are exact in float64, so whether
+# a multiply-add is fused does not matter. Columns are handled as "slabs" of 32 (zero-padded: adding +0.0 to a
+# partial sum that is never -0.0 leaves it unchanged).
+_LANES = 32
 
 
 def _slabs(v: torch.Tensor) -> torch.Tensor:
-    """(R, d) float32 -> (S, R, 8) float32 with S = ceil(d / 8): slab s holds columns 8 s .. 8 s + 7 of every row."""
-    pad = (-v.shape[1]) % 8
+    """(R, d) float32 -> (S, R, 32) float32 with S = ceil(d / 32): slab s holds columns 32 s .. 32 s + 31."""
+    pad = (-v.shape[1]) % _LANES
     if pad:
         v = torch.nn.functional.pad(v, (0, pad))
-    return v.unflatten(1, (-1, 8)).transpose(0, 1).contiguous()
+    return v.unflatten(1, (-1, _LANES)).transpose(0, 1).contiguous()
 
 
 def _combine(acc: torch.Tensor) -> torch.Tensor:
-    a = acc.unbind(-1)
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
 
 
 def _sq_norms(v: torch.Tensor) -> torch.Tensor:
@@ -126,16 +129,16 @@ def _exact_keys(x: torch.Tensor, nx2: torch.Tensor, y_slabs: torch.Tensor, ny2: 
     """Exact float64 keys (smaller is better) of candidates idx (R, W) for the rows x (R, d), the C++ kernel's bits.
 
     ``y_slabs`` is ``_slabs(y)``; the candidates' columns are gathered slab by slab, so the temporaries stay at
-    (rows, W, 8) whatever d is.
+    (rows, W, 32) whatever d is.
     """
     keys = torch.empty(idx.shape, dtype=torch.float64, device=x.device)
     width = idx.shape[1]
-    step = max(1, _ACC_BUDGET // max(1, width * 8))
+    step = max(1, _ACC_BUDGET // max(1, width * _LANES))
     for r0 in range(0, x.shape[0], step):
         rows = idx[r0:r0 + step]
         flat = rows.flatten()
         x_slabs = _slabs(x[r0:r0 + step]).double()
-        acc = torch.zeros(rows.shape + (8,), dtype=torch.float64, device=x.device)
+        acc = torch.zeros(rows.shape + (_LANES,), dtype=torch.float64, device=x.device)
         for s in range(x_slabs.shape[0]):
             cand = torch.index_select(y_slabs[s], 0, flat).view(acc.shape).double()
             acc.addcmul_(cand, x_slabs[s][:, None, :])
@@ -203,7 +206,7 @@ def knn_faiss(x: torch.Tensor, y: torch.Tensor | None, k: int, metric: str) -> t
     if not math.isfinite(float(delta.max())):  # norms near the float32 range: no usable bound
         return _exact_search(x, y, k, metric)
 
-    y_slabs = _slabs(y)  # a copy of y, slab-major (S, M, 8)
+    y_slabs = _slabs(y)  # a copy of y, slab-major (S, M, 32)
     values = torch.empty((n, k), dtype=torch.float32, device=x.device)
     indices = torch.empty((n, k), dtype=torch.int64, device=x.device)
     redo = []
