@@ -184,9 +184,12 @@ void exact_keys_blocked(const float* x, const double* nx2, int64_t N, const floa
                         int64_t d, bool l2, const std::vector<int64_t>& ptr, PairFn pair) {
   const int64_t total = ptr[N];
   if (total == 0) return;
-  const int64_t rows_per_block = std::max<int64_t>(16, (int64_t{1} << 20) / (d * static_cast<int64_t>(sizeof(float))));
+  // Query blocks of ~8 MB (they stay in L3 while every candidate block streams past), candidate blocks of ~1 MB (L2).
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
+  const int64_t rows_per_block = std::max<int64_t>(16, (int64_t{8} << 20) / row_bytes);
+  const int64_t cols_per_block = std::max<int64_t>(16, (int64_t{1} << 20) / row_bytes);
   const int64_t row_blocks = (N + rows_per_block - 1) / rows_per_block;
-  const int64_t col_blocks = (M + rows_per_block - 1) / rows_per_block;
+  const int64_t col_blocks = (M + cols_per_block - 1) / cols_per_block;
   // Counting sort of the pairs by candidate block, within each row block (row blocks are contiguous in ptr).
   struct Item {
     int32_t row, col;
@@ -199,12 +202,12 @@ void exact_keys_blocked(const float* x, const double* nx2, int64_t N, const floa
       const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
       std::fill(count.begin(), count.end(), 0);
       for (int64_t i = i0; i < i1; ++i)
-        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) count[pair(i, t).first / rows_per_block + 1]++;
+        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) count[pair(i, t).first / cols_per_block + 1]++;
       for (int64_t c = 0; c < col_blocks; ++c) count[c + 1] += count[c];
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) {
           const auto [j, out] = pair(i, t);
-          items[ptr[i0] + count[j / rows_per_block]++] = {static_cast<int32_t>(i), j, out};
+          items[ptr[i0] + count[j / cols_per_block]++] = {static_cast<int32_t>(i), j, out};
         }
     }
   });
