@@ -90,6 +90,12 @@ def test_bf16_candidates_return_the_fp32_result_on_near_ties(backend):
             np.testing.assert_array_equal(i32.numpy(), ref_idx)
 
 
+def test_values_are_detached():
+    x = torch.randn(40, 8, requires_grad=True)
+    values, _ = knn(x, 3)
+    assert not values.requires_grad and values.grad_fn is None
+
+
 def test_reference_is_the_definition():
     x = torch.randn(40, 7, generator=torch.Generator().manual_seed(2))
     vals, idx = knn_ref(x, x, 6, "l2", "fp32")

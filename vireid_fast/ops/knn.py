@@ -72,7 +72,7 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
             ``VIREID_BACKEND=reference`` overrides the engine; another forced backend makes "auto" mean ours.
     Returns:
         values (N, k) float32 (inner products, or squared distances), indices (N, k) int64, best first; equal scores
-        go to the lower index.
+        go to the lower index. Detached: a search is not differentiable.
     """
     check_tensor("x", x, dims=(2,), dtypes=FLOAT_DTYPES)
     if y is not None:
@@ -90,8 +90,8 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
     check_int("k", k, 1)
     if k > m:
         raise ValueError(f"k={k} is larger than the number of database rows ({m}); pass k <= {m}")
-    xf = x.float().contiguous()
-    yf = xf if y is None else y.float().contiguous()
+    xf = x.detach().float().contiguous()  # a search: the values are not differentiable
+    yf = xf if y is None else y.detach().float().contiguous()
     check_finite("x", xf)
     if y is not None:
         check_finite("y", yf)
