@@ -5,6 +5,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -54,10 +55,17 @@ static bool full_fp32_matmul() {
 
 void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) {
   if (lhs.scalar_type() == at::kFloat && at::hasMKLDNN() && full_fp32_matmul()) {
-    if (at::native::mkldnn_matmul != nullptr && out.is_contiguous()) {
-      // oneDNN on the plain buffers (strided views, no conversion copies)
-      at::native::mkldnn_matmul(lhs, rhs.t(), out, 0.0f, 1.0f);
-      return;
+    // oneDNN on the plain buffers (strided views, no conversion copies). ATen accepts fp32 there only on CPUs it
+    // deems bf16-capable (AVX-512 BW/VL/DQ or AVX-NE-CONVERT) and in recent versions: a refusal (checked before any
+    // work) switches to the conversion path for the rest of the process.
+    static std::atomic<bool> plain_ok{true};
+    if (at::native::mkldnn_matmul != nullptr && plain_ok.load(std::memory_order_relaxed) && out.is_contiguous()) {
+      try {
+        at::native::mkldnn_matmul(lhs, rhs.t(), out, 0.0f, 1.0f);
+        return;
+      } catch (const c10::Error&) {
+        plain_ok.store(false, std::memory_order_relaxed);
+      }
     }
     constexpr int64_t kBlock = 2048;  // bounds the conversion copies of rhs
     const at::Tensor lhs_m = lhs.contiguous().to_mkldnn();
