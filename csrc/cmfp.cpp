@@ -43,7 +43,7 @@ struct Kept {
 // copies qs/bs for exact rescans, original-precision rows qo/bo for the weights).
 template <typename T>
 void select_block(const at::Tensor& values, const at::Tensor& indices, int64_t k, const float* qs, const float* bs,
-                  const T* qo, const T* bo, int64_t mb, int64_t d, std::vector<Kept<T>>& out) {
+                  const T* qo, const T* bo, int64_t mb, int64_t d, Kept<T>* out) {
   const int64_t rows = values.size(0), kk = values.size(1);
   const float* vp = values.data_ptr<float>();
   const int64_t* ip = indices.data_ptr<int64_t>();
@@ -101,29 +101,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
   std::vector<Kept<T>> kept_v(n), kept_r(n);
   {
     const int64_t kv = std::min(nv, k + 1), kr = std::min(nr, k + 1);
-    std::vector<Kept<T>> part;
     auto run = [&](const at::Tensor& q, const float* qs, const T* qo, const at::Tensor& b, const float* bs,
-                   const T* bo, int64_t kk, int64_t row0, std::vector<Kept<T>>& dst) {
+                   const T* bo, int64_t kk, Kept<T>* dst) {
       const auto [values, indices] = knn_exact(q, b, kk, false, bf16);
-      part.assign(q.size(0), Kept<T>());
-      select_block<T>(values, indices, k, qs, bs, qo, bo, b.size(0), d, part);
-      for (int64_t r = 0; r < q.size(0); ++r) dst[row0 + r] = std::move(part[r]);
+      select_block<T>(values, indices, k, qs, bs, qo, bo, b.size(0), d, dst);
     };
-    run(sv, svp, fvp, sv, svp, fvp, kv, 0, kept_v);
+    run(sv, svp, fvp, sv, svp, fvp, kv, kept_v.data());
     if (kv == k + 1 && kr == k + 1) {
       // Svr and Srv are transposes: one sweep of the visible x infrared tiles serves both.
       const auto [v_vr, i_vr, v_rv, i_rv] = knn_exact_both(sv, sr, k + 1, false, bf16);
-      part.assign(nv, Kept<T>());
-      select_block<T>(v_vr, i_vr, k, svp, srp, fvp, frp, nr, d, part);
-      for (int64_t r = 0; r < nv; ++r) kept_r[r] = std::move(part[r]);
-      part.assign(nr, Kept<T>());
-      select_block<T>(v_rv, i_rv, k, srp, svp, frp, fvp, nv, d, part);
-      for (int64_t r = 0; r < nr; ++r) kept_v[nv + r] = std::move(part[r]);
+      select_block<T>(v_vr, i_vr, k, svp, srp, fvp, frp, nr, d, kept_r.data());
+      select_block<T>(v_rv, i_rv, k, srp, svp, frp, fvp, nv, d, kept_v.data() + nv);
     } else {  // k = min(Nv, Nr): the smaller block keeps every column
-      run(sv, svp, fvp, sr, srp, frp, kr, 0, kept_r);
-      run(sr, srp, frp, sv, svp, fvp, kv, nv, kept_v);
+      run(sv, svp, fvp, sr, srp, frp, kr, kept_r.data());
+      run(sr, srp, frp, sv, svp, fvp, kv, kept_v.data() + nv);
     }
-    run(sr, srp, frp, sr, srp, frp, kr, nv, kept_r);
+    run(sr, srp, frp, sr, srp, frp, kr, kept_r.data() + nv);
   }
 
   // Positive kept entries, per-block row normalisation.

@@ -301,6 +301,18 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     else
       merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
   };
+  // Rows [r0, r1) of a score tile (one row per query row, columns col0..) into their rows' candidates.
+  auto merge_tile = [&](const at::Tensor& t, int64_t r0, int64_t r1, int64_t col0) {
+    const int64_t width = t.size(1);
+    at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        if (bf16)
+          merge_row(i, nullptr, bf16_rows(t) + (i - r0) * width, col0, width);
+        else
+          merge_row(i, t.data_ptr<float>() + (i - r0) * width, nullptr, col0, width);
+      }
+    });
+  };
   const int64_t row_end = split > 0 ? split : N;
   for (int64_t i0 = 0; i0 < row_end; i0 += kTileRows) {
     const int64_t i1 = std::min(row_end, i0 + kTileRows);
@@ -309,28 +321,9 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       const int64_t j1 = std::min(M, j0 + kTileCols);
       at::Tensor tile = at::empty({i1 - i0, j1 - j0}, xa.options());
       gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
-      const int64_t nc = j1 - j0;
-      at::parallel_for(i0, i1, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          if (bf16)
-            merge_row(i, nullptr, bf16_rows(tile) + (i - i0) * nc, j0, nc);
-          else
-            merge_row(i, tile.data_ptr<float>() + (i - i0) * nc, nullptr, j0, nc);
-        }
-      });
+      merge_tile(tile, i0, i1, j0);
       // Symmetric search: the same tile, transposed, serves rows j0..j1 against columns i0..i1.
-      if (self && (split > 0 || j0 > i0)) {
-        const at::Tensor tt = tile.t().contiguous();
-        const int64_t nr = i1 - i0;
-        at::parallel_for(j0, j1, 16, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) {
-            if (bf16)
-              merge_row(i, nullptr, bf16_rows(tt) + (i - j0) * nr, i0, nr);
-            else
-              merge_row(i, tt.data_ptr<float>() + (i - j0) * nr, nullptr, i0, nr);
-          }
-        });
-      }
+      if (self && (split > 0 || j0 > i0)) merge_tile(tile.t().contiguous(), j0, j1, i0);
     }
   }
 
@@ -446,6 +439,24 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   return {};
 }
 
+// Rows `rows` of x whose bf16 candidate margin was too thin: an fp32 candidate pass over them against db (the same
+// exact result), written to those rows of vp/ip (k per row) with index_offset added to the indices.
+void redo_fp32(const at::Tensor& x, const std::vector<int64_t>& rows, const at::Tensor& db, int64_t k, bool l2,
+               int64_t index_offset, float* vp, int64_t* ip) {
+  if (rows.empty()) return;
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const at::Tensor sel = at::from_blob(const_cast<int64_t*>(rows.data()), {R}, at::kLong).clone();
+  const at::Tensor q = x.index_select(0, sel).contiguous();
+  std::vector<float> rv(R * k);
+  std::vector<int64_t> ri(R * k);
+  knn_impl(q, db, k, l2, false, false, rv.data(), ri.data());
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t t = 0; t < k; ++t) {
+      vp[rows[r] * k + t] = rv[r * k + t];
+      ip[rows[r] * k + t] = ri[r * k + t] + index_offset;
+    }
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k,
                                            c10::string_view metric_sv, c10::string_view precision_sv) {
   const std::string metric(metric_sv), precision(precision_sv);
@@ -475,26 +486,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_exact_both(const 
   std::vector<float> vals(static_cast<size_t>(n) * k);
   std::vector<int64_t> inds(static_cast<size_t>(n) * k);
   const std::vector<int64_t> redo = knn_impl(z, z, k, l2, bf16, true, vals.data(), inds.data(), na);
-  // bf16 margins too thin for these rows: an fp32 candidate pass over them against the other side.
-  for (int side = 0; side < 2; ++side) {
-    std::vector<int64_t> rows;
-    for (const int64_t r : redo)
-      if ((r >= na) == (side == 1)) rows.push_back(r);
-    if (rows.empty()) continue;
-    const int64_t R = static_cast<int64_t>(rows.size());
-    const at::Tensor sel = at::from_blob(rows.data(), {R}, at::kLong).clone();
-    const at::Tensor q = z.index_select(0, sel).contiguous();
-    const at::Tensor db = side == 0 ? b.contiguous() : a.contiguous();
-    std::vector<float> rv(R * k);
-    std::vector<int64_t> ri(R * k);
-    knn_impl(q, db, k, l2, false, false, rv.data(), ri.data());
-    const int64_t offset = side == 0 ? na : 0;  // back to z's numbering, undone below
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t t = 0; t < k; ++t) {
-        vals[rows[r] * k + t] = rv[r * k + t];
-        inds[rows[r] * k + t] = ri[r * k + t] + offset;
-      }
-  }
+  // Rows whose bf16 margin was too thin: an fp32 pass against the other side (indices in z's numbering until below).
+  std::vector<int64_t> redo_a, redo_b;
+  for (const int64_t r : redo) (r < na ? redo_a : redo_b).push_back(r);
+  redo_fp32(z, redo_a, b.contiguous(), k, l2, na, vals.data(), inds.data());
+  redo_fp32(z, redo_b, a.contiguous(), k, l2, 0, vals.data(), inds.data());
   at::Tensor va = at::empty({na, k}, a.options()), ia = at::empty({na, k}, a.options().dtype(at::kLong));
   at::Tensor vb = at::empty({nb, k}, a.options()), ib = at::empty({nb, k}, a.options().dtype(at::kLong));
   std::copy(vals.begin(), vals.begin() + na * k, va.data_ptr<float>());
@@ -531,20 +527,7 @@ std::tuple<at::Tensor, at::Tensor> knn_exact(const at::Tensor& x_in, const at::T
   if (N == 0) return {values, indices};
   float* vp = values.data_ptr<float>();
   int64_t* ip = indices.data_ptr<int64_t>();
-  const std::vector<int64_t> redo = knn_impl(x, y, k, l2, bf16, self, vp, ip);
-  if (!redo.empty()) {
-    // bf16 margins too thin for these rows: an fp32 candidate pass over them (same exact result).
-    const int64_t R = static_cast<int64_t>(redo.size());
-    const at::Tensor rows = at::from_blob(const_cast<int64_t*>(redo.data()), {R}, at::kLong).clone();
-    const at::Tensor xr = x.index_select(0, rows).contiguous();
-    std::vector<float> rv(R * k);
-    std::vector<int64_t> ri(R * k);
-    knn_impl(xr, y, k, l2, false, false, rv.data(), ri.data());
-    for (int64_t r = 0; r < R; ++r) {
-      std::copy(rv.begin() + r * k, rv.begin() + (r + 1) * k, vp + redo[r] * k);
-      std::copy(ri.begin() + r * k, ri.begin() + (r + 1) * k, ip + redo[r] * k);
-    }
-  }
+  redo_fp32(x, knn_impl(x, y, k, l2, bf16, self, vp, ip), y, k, l2, 0, vp, ip);
   return {values, indices};
 }
 
