@@ -1,18 +1,11 @@
-"""CUDA route of ``vireid::dbscan_csr``: no Triton kernel (docs/clustering.md); the C++ kernel runs on a host copy.
-
-The step is a sparse, data-dependent graph computation over O(N * k1) entries, small next to the kNN GEMM that runs on
-the GPU; copying its inputs to the host costs far less than a dense N x N GPU formulation would.
-"""
+"""CUDA route of ``vireid::dbscan_csr``: no GPU kernel; the C++ kernel runs on a host copy (see ``_host_route``)."""
 
 from __future__ import annotations
 
 import torch
 
+from ._host_route import run_on_host
+
 
 def launch(*args):
-    host = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    out = torch.ops.vireid.dbscan_csr(*host)
-    if isinstance(out, tuple):
-        return tuple(t.to(device) for t in out)
-    return out.to(device)
+    return run_on_host(torch.ops.vireid.dbscan_csr, *args)
