@@ -39,14 +39,19 @@ def _sim_tile(x_ptr, rows, row_mask, cols, col_mask, D, BLOCK_D: tl.constexpr, B
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, thr_ptr, N, NV, D, K,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _program_rows(N, NV, BLOCK_M: tl.constexpr):
+    """This program's block of rows and its column block: visible columns [0, NV) for blk 0, infrared [NV, N) else."""
     blk = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c_lo = tl.where(blk == 0, 0, NV)
     c_hi = tl.where(blk == 0, NV, N)
+    return blk, rows, rows < N, c_lo, c_hi
+
+
+@triton.jit
+def _threshold_kernel(x_ptr, thr_ptr, N, NV, D, K,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KPAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    blk, rows, row_mask, c_lo, c_hi = _program_rows(N, NV, BLOCK_M)
     slot = tl.arange(0, KPAD)
     lane = tl.arange(0, BLOCK_N)
     best = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)  # the K largest so far, descending, with multiplicity
@@ -73,12 +78,7 @@ def _threshold_kernel(x_ptr, thr_ptr, N, NV, D, K,
 @triton.jit
 def _count_kernel(x_ptr, thr_ptr, cnt_ptr, sum_ptr, N, NV, D,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    blk = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    c_lo = tl.where(blk == 0, 0, NV)
-    c_hi = tl.where(blk == 0, NV, N)
+    blk, rows, row_mask, c_lo, c_hi = _program_rows(N, NV, BLOCK_M)
     thr = tl.load(thr_ptr + blk.to(tl.int64) * N + rows, mask=row_mask, other=0.0)
     cnt = tl.zeros((BLOCK_M,), tl.int32)
     tot = tl.zeros((BLOCK_M,), tl.float32)
@@ -96,12 +96,7 @@ def _count_kernel(x_ptr, thr_ptr, cnt_ptr, sum_ptr, N, NV, D,
 @triton.jit
 def _write_kernel(x_ptr, thr_ptr, sum_ptr, start_ptr, col_out_ptr, val_out_ptr, N, NV, D,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    blk = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < N
-    c_lo = tl.where(blk == 0, 0, NV)
-    c_hi = tl.where(blk == 0, NV, N)
+    blk, rows, row_mask, c_lo, c_hi = _program_rows(N, NV, BLOCK_M)
     thr = tl.load(thr_ptr + blk.to(tl.int64) * N + rows, mask=row_mask, other=0.0)
     tot = tl.load(sum_ptr + blk.to(tl.int64) * N + rows, mask=row_mask, other=1.0)
     inv = 1.0 / tl.where(tot > 0, tot, 1.0)
