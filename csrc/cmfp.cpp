@@ -20,6 +20,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <unistd.h>
+
 #include "common.h"
 #include "knn.h"
 
@@ -31,6 +33,17 @@ VIREID_ALWAYS_INLINE void axpy_body(T* out, const T* x, T w, int64_t d) {
   for (int64_t t = 0; t < d; ++t) out[t] += w * x[t];
 }
 VIREID_MULTIVERSION(axpy)
+
+// Bytes of input rows per propagation block: a quarter of the last-level cache (which neighbours may share), within
+// [2, 8] MB (8 MB measured best on a 32 MB L3; 16 MB already spills).
+int64_t cache_block_bytes() {
+  int64_t llc = 0;
+#ifdef _SC_LEVEL3_CACHE_SIZE
+  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  if (llc <= 0) llc = int64_t{16} << 20;
+  return std::clamp<int64_t>(llc / 4, int64_t{2} << 20, int64_t{8} << 20);
+}
 
 // Kept neighbours of one (row, block): block-local columns and their weights (before normalisation).
 template <typename T>
@@ -156,33 +169,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
   T* vp = vals.data_ptr<T>();
   T* ovp = out_v.data_ptr<T>();
   T* orp = out_r.data_ptr<T>();
-  // Propagation is a gather of neighbour rows (memory-bound). Rows are visited grouped by their smallest visible
-  // neighbour, so rows of one identity, which share most neighbours, run back to back and find them in cache.
-  std::vector<int64_t> visit(n);
-  {
-    std::vector<int64_t> key(n);
-    for (int64_t i = 0; i < n; ++i) key[i] = kept_v[i].col.empty() ? n : kept_v[i].col[0];
-    std::iota(visit.begin(), visit.end(), int64_t{0});
-    std::stable_sort(visit.begin(), visit.end(), [&](int64_t a, int64_t b) { return key[a] < key[b]; });
-  }
-  at::parallel_for(0, n, 16, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t i = visit[p];
+  // CSR of the normalised weights (columns in [V; R] numbering, sorted: visible block first).
+  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
       int64_t e = counts[i];
-      T* o = i < nv ? ovp + i * d : orp + (i - nv) * d;
       for (int64_t b = 0; b < 2; ++b) {
         Kept<T>& c = b == 0 ? kept_v[i] : kept_r[i];
         const int64_t offset = b == 0 ? 0 : nv;
         const T inv = static_cast<T>(1.0 / sums[2 * i + b]);  // only used when the list is non-empty (sum > 0)
         for (size_t u = 0; u < c.val.size(); ++u, ++e) {
-          const T w = c.val[u] * inv;
           cp[e] = offset + c.col[u];
-          vp[e] = w;
-          axpy<T>(o, row_ptr(offset + c.col[u]), w, d);
+          vp[e] = c.val[u] * inv;
         }
         std::vector<T>().swap(c.val);
         std::vector<int64_t>().swap(c.col);
       }
+    }
+  });
+  auto out_row = [&](int64_t i) { return i < nv ? ovp + i * d : orp + (i - nv) * d; };
+  // Propagation gathers about 2k neighbour rows (k per block) per output row from all over the features (a row's neighbours beyond its
+  // own identity are scattered), which is DRAM-bound when done row by row. Instead the input rows are taken in
+  // blocks that stay in the last-level cache, and every output row adds its entries from the current block (its CSR
+  // columns are sorted, so a cursor per row walks them): inputs are read from memory once and the outputs, streamed
+  // once per block, are read sequentially. At 6,000 + 6,000 x 2048 this is 0.12 s instead of 0.32 s.
+  const int64_t block_rows = std::max<int64_t>(64, cache_block_bytes() / (d * static_cast<int64_t>(sizeof(T))));
+  std::vector<int64_t> cursor(counts.begin(), counts.end() - 1);
+  for (int64_t c0 = 0; c0 < n; c0 += block_rows) {
+    const int64_t c1 = std::min(n, c0 + block_rows);
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        T* o = out_row(i);
+        int64_t e = cursor[i];
+        const int64_t end = counts[i + 1];
+        for (; e < end && cp[e] < c1; ++e) axpy<T>(o, row_ptr(cp[e]), vp[e], d);
+        cursor[i] = e;
+      }
+    });
+  }
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      T* o = out_row(i);
       double ss = 0.0;
       for (int64_t t = 0; t < d; ++t) ss += static_cast<double>(o[t]) * static_cast<double>(o[t]);
       const T scale = static_cast<T>(1.0 / std::max(std::sqrt(ss), 1e-12));

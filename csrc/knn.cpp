@@ -4,10 +4,11 @@
 // Definition of the result (shared by every backend and by knn_ref): score(i, j) = sum_t x_it * y_jt evaluated in
 // float64 from the float32 inputs (each product is exact in float64); "ip" ranks by the largest score, "l2" by the
 // smallest ||x_i||^2 + ||y_j||^2 - 2 score; equal keys go to the lower index. The tile GEMM only proposes
-// candidates: every approximate score carries a rigorous error bound delta, each row keeps the top-C approximate
-// candidates, and the exact top-k is guaranteed to lie among them when the C-th kept score is more than the bound
-// below the k-th lower bound. Rows where that check fails are redone: by an fp32 candidate pass after a bf16 search,
-// by an exact scan after an fp32 one. So the bf16 candidate search returns bit-identical results to the fp32 one; the
+// candidates: every approximate score carries a rigorous error bound delta; each row keeps the candidates whose upper
+// bound reaches the k-th largest lower bound seen so far (the only ones that can be in the exact top k), at most C of
+// them. Only rows with more than C such near-ties drop candidates; the exact top-k is still guaranteed to lie among
+// the kept ones when the worst kept score is more than the bound below the k-th lower bound. Rows where that check
+// fails are redone: by an fp32 candidate pass after a bf16 search, by an exact scan after an fp32 one. So the bf16 candidate search returns bit-identical results to the fp32 one; the
 // precision only changes the speed.
 // Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
 #include <ATen/ATen.h>
@@ -116,13 +117,53 @@ struct BestFirst {
   bool operator()(const Cand& a, const Cand& b) const { return ranks_before(a.score, a.index, b.score, b.index); }
 };
 
+// What a row's candidate cut needs: the error bound of its approximate scores, delta(s) = bound + rel |s + nyh_j|,
+// and dmax >= delta(s) for every score of the row.
+struct RowBound {
+  double bound, rel, dmax;
+  const float* nyh;
+};
+
+// Cuts a row's candidate buffer h[0, n) back (rarely called: once the buffer holds more than 2C):
+// 1. k-rule: L = the k-th largest lower bound s - delta(s) is a lower bound of the exact k-th best score, so entries
+//    whose upper bound stays below L can never enter the top k; they are dropped by the conservative test
+//    s < L - dmax, and the cut rises to L - dmax. Nothing the result needs is lost, so this never forces a redo.
+// 2. C-rule: if more than C entries survive (many near-ties), the best C are kept and cut->index records that
+//    entries were dropped that the final check must account for.
+// Returns the new size.
+int64_t compact_candidates(Cand* h, int64_t n, int64_t k, int64_t C, const RowBound& rb, Cand* cut,
+                           std::vector<double>& lower) {
+  lower.resize(n);
+  for (int64_t c = 0; c < n; ++c) {
+    const double s = h[c].score;
+    lower[c] = s - (rb.bound + rb.rel * std::fabs(s + rb.nyh[h[c].index]));
+  }
+  std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
+  const double kcut_exact = lower[k - 1] - rb.dmax;
+  float kcut = static_cast<float>(kcut_exact);
+  if (static_cast<double>(kcut) > kcut_exact) kcut = std::nextafter(kcut, -std::numeric_limits<float>::infinity());
+  int64_t w = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    h[w] = h[c];
+    w += h[c].score >= kcut;
+  }
+  if (kcut > cut->score) cut->score = kcut;
+  if (w > C) {
+    std::nth_element(h, h + (C - 1), h + w, BestFirst());
+    *cut = h[C - 1];
+    w = C;
+  }
+  return w;
+}
+
 // Merges one row of scores (columns j0..j0+ncols, minus sub) into a row's candidates: an unsorted buffer h of up to
-// 2C + kChunk entries, cut back to the best C (nth_element) once it holds more than 2C; *cut is the C-th best at the
-// last cut. A vectorised check per chunk skips the chunks holding no score >= the cut; the others are appended
-// branch-free (entries ranking after the cut are dropped at the next cut anyway).
+// 2C + kChunk entries, cut back (compact_candidates) once it holds more than 2C; cut->score only rises. A vectorised
+// check per chunk skips the chunks holding no score >= the cut; the others are appended branch-free (entries below
+// the cut are overwritten by the next one).
 template <typename T>
 VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
-                                            int64_t C, int64_t* n_io, Cand* cut_io) {
+                                            int64_t k, int64_t C, const RowBound& rb, int64_t* n_io, Cand* cut_io,
+                                            std::vector<double>& scratch) {
   int64_t n = *n_io;
   Cand cut = *cut_io;
   for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
@@ -130,11 +171,7 @@ VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, in
     int any = 0;
     for (int64_t c = c0; c < c1; ++c) any |= (load_score(s_row[c]) - sub[c]) >= cut.score;
     if (!any) continue;
-    if (n > 2 * C) {
-      std::nth_element(h, h + (C - 1), h + n, BestFirst());
-      cut = h[C - 1];
-      n = C;
-    }
+    if (n > 2 * C) n = compact_candidates(h, n, k, C, rb, &cut, scratch);
     for (int64_t c = c0; c < c1; ++c) {
       const float s = load_score(s_row[c]) - sub[c];
       h[n] = {s, static_cast<int32_t>(j0 + c)};
@@ -294,22 +331,31 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   std::vector<int64_t> sizes(N, 0);
   // Before the first cut every score enters: the cut starts as the worst possible entry.
   std::vector<Cand> cuts(N, Cand{-std::numeric_limits<float>::infinity(), std::numeric_limits<int32_t>::max()});
-  auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols) {
+  const double rel_eff = rel * (1.0 + 4.0 * u32);  // the relative part applies to the GEMM output (dot)
+  auto row_bound = [&](int64_t i) {
+    // |dot| <= ||x_i|| ||y||_max exactly; the approximate one exceeds it by at most its own error.
+    const double dot_max = (std::sqrt(nx2[i]) * ny_max * (1.0 + 2.0 * rel) + bound[i]) / (1.0 - rel);
+    return RowBound{bound[i], rel_eff, (bound[i] + rel_eff * dot_max) * (1.0 + 1e-6), nyh.data()};
+  };
+  auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols,
+                       std::vector<double>& scratch) {
     Cand* h = heaps.data() + i * cap;
+    const RowBound rb = row_bound(i);
     if (s_row)
-      merge_scores<float>(s_row, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
+      merge_scores<float>(s_row, nyh.data() + j0, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
     else
-      merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, C, &sizes[i], &cuts[i]);
+      merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
   };
   // Rows [r0, r1) of a score tile (one row per query row, columns col0..) into their rows' candidates.
   auto merge_tile = [&](const at::Tensor& t, int64_t r0, int64_t r1, int64_t col0) {
     const int64_t width = t.size(1);
     at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+      std::vector<double> scratch;
       for (int64_t i = b; i < e; ++i) {
         if (bf16)
-          merge_row(i, nullptr, bf16_rows(t) + (i - r0) * width, col0, width);
+          merge_row(i, nullptr, bf16_rows(t) + (i - r0) * width, col0, width, scratch);
         else
-          merge_row(i, t.data_ptr<float>() + (i - r0) * width, nullptr, col0, width);
+          merge_row(i, t.data_ptr<float>() + (i - r0) * width, nullptr, col0, width, scratch);
       }
     });
   };
@@ -336,18 +382,15 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   std::vector<int64_t> live_n(N, 0);
   auto delta_of = [&](int64_t i, const Cand& c) {
     // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
-    return bound[i] + rel * (1.0 + 4.0 * u32) * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
+    return bound[i] + rel_eff * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
   };
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
-    std::vector<double> lower(C);
+    std::vector<double> lower(C), scratch;
     for (int64_t i = b; i < e; ++i) {
       Cand* h = heaps.data() + i * cap;
       int64_t n = sizes[i];
-      const bool dropped = n > C || cuts[i].index != std::numeric_limits<int32_t>::max();
-      if (n > C) {
-        std::nth_element(h, h + (C - 1), h + n, BestFirst());
-        n = C;
-      }
+      if (n > C) n = compact_candidates(h, n, k, C, row_bound(i), &cuts[i], scratch);
+      const bool dropped = cuts[i].index != std::numeric_limits<int32_t>::max();
       Cand worst = h[0];
       for (int64_t c = 1; c < n; ++c)
         if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
