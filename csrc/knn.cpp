@@ -213,50 +213,101 @@ void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_
 
 double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
 
+// dot_exact(a, b) with b given as its float64 conversion: the same products, summed in the same order, so the same
+// bits. Scoring several queries against one candidate converts the candidate once instead of once per pair.
+template <typename T>
+VIREID_ALWAYS_INLINE double dot_exact_mixed_body(const float* a, const double* b, int64_t d) {
+  constexpr int kLanes = 32;
+  double acc[kLanes] = {0};
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes) {
+    for (int u = 0; u < kLanes; ++u) acc[u] += static_cast<double>(a[t + u]) * b[t + u];
+  }
+  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * b[t];
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int u = 0; u < w; ++u) acc[u] += acc[u + w];
+  }
+  return acc[0];
+}
+
+// Exact keys of the queries rows[0, n) of x against one candidate row y_j (given as float64 yd).
+template <typename T>
+VIREID_ALWAYS_INLINE void exact_keys_of_candidate_body(const float* x, const double* nx2, const int32_t* rows,
+                                                       double* const* out, int64_t n, const float* yj, double* yd,
+                                                       double ny2j, int64_t d, bool l2) {
+  for (int64_t t = 0; t < d; ++t) yd[t] = static_cast<double>(yj[t]);
+  for (int64_t c = 0; c < n; ++c) {
+    const double s = dot_exact_mixed_body<T>(x + static_cast<int64_t>(rows[c]) * d, yd, d);
+    *out[c] = l2 ? nx2[rows[c]] + ny2j - 2.0 * s : -s;
+  }
+}
+VIREID_MULTIVERSION(exact_keys_of_candidate)
+
 // Exact keys of (row, candidate) pairs: row i of x owns pairs [ptr[i], ptr[i + 1]); pair(i, t) returns the
-// candidate's row of y and where to store its key. Pairs are bucketed by (row block, candidate block) and each bucket
-// is scored in one go, so a block of y rows is read from memory once per bucket instead of once per pair.
+// candidate's row of y and where to store its key. Within each block of ~8 MB of query rows (they stay in the last-
+// level cache), the pairs are sorted by candidate: each candidate row is read and converted to float64 once per
+// block, and candidates come in increasing order.
 template <typename PairFn>
 void exact_keys_blocked(const float* x, const double* nx2, int64_t N, const float* y, const double* ny2, int64_t M,
                         int64_t d, bool l2, const std::vector<int64_t>& ptr, PairFn pair) {
   const int64_t total = ptr[N];
   if (total == 0) return;
-  // Query blocks of ~8 MB (they stay in L3 while every candidate block streams past), candidate blocks of ~1 MB (L2).
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(float));
   const int64_t rows_per_block = std::max<int64_t>(16, (int64_t{8} << 20) / row_bytes);
-  const int64_t cols_per_block = std::max<int64_t>(16, (int64_t{1} << 20) / row_bytes);
   const int64_t row_blocks = (N + rows_per_block - 1) / rows_per_block;
-  const int64_t col_blocks = (M + cols_per_block - 1) / cols_per_block;
-  // Counting sort of the pairs by candidate block, within each row block (row blocks are contiguous in ptr).
-  struct Item {
-    int32_t row, col;
-    double* out;
-  };
-  std::vector<Item> items(total);
-  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
-    std::vector<int64_t> count(col_blocks + 1);
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-      const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
-      std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) count[pair(i, t).first / cols_per_block + 1]++;
-      for (int64_t c = 0; c < col_blocks; ++c) count[c + 1] += count[c];
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) {
-          const auto [j, out] = pair(i, t);
-          items[ptr[i0] + count[j / cols_per_block]++] = {static_cast<int32_t>(i), j, out};
+  // Counting sort of the pairs by candidate, within each row block (row blocks are contiguous in ptr).
+  std::vector<int32_t> item_row(total);
+  std::vector<double*> item_out(total);
+  std::vector<int32_t> run_col;    // candidate of each run of pairs sharing it
+  std::vector<int64_t> run_start;  // and where the run starts in item_row / item_out
+  std::vector<int64_t> block_runs(row_blocks + 1, 0);
+  {
+    std::vector<std::vector<int32_t>> cols(row_blocks);
+    std::vector<std::vector<int64_t>> starts(row_blocks);
+    at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
+      std::vector<int64_t> count(M + 1);
+      for (int64_t rb = rb0; rb < rb1; ++rb) {
+        const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
+        std::fill(count.begin(), count.end(), 0);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) count[pair(i, t).first + 1]++;
+        for (int64_t j = 0; j < M; ++j) {
+          if (count[j + 1] > 0) {
+            cols[rb].push_back(static_cast<int32_t>(j));
+            starts[rb].push_back(ptr[i0] + count[j]);
+          }
+          count[j + 1] += count[j];
         }
-    }
-  });
-  at::parallel_for(0, row_blocks, 1, [&](int64_t rb0, int64_t rb1) {
-    for (int64_t rb = rb0; rb < rb1; ++rb) {
-      const int64_t i0 = rb * rows_per_block, i1 = std::min(N, i0 + rows_per_block);
-      for (int64_t p = ptr[i0]; p < ptr[i1]; ++p) {
-        const Item& it = items[p];
-        exact_keys<float>(x + static_cast<int64_t>(it.row) * d, nx2[it.row], y, ny2, d, l2, &it.col, 1, it.out);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t t = 0; t < ptr[i + 1] - ptr[i]; ++t) {
+            const auto [j, out] = pair(i, t);
+            const int64_t slot = ptr[i0] + count[j]++;
+            item_row[slot] = static_cast<int32_t>(i);
+            item_out[slot] = out;
+          }
       }
+    });
+    for (int64_t rb = 0; rb < row_blocks; ++rb) {
+      block_runs[rb + 1] = block_runs[rb] + static_cast<int64_t>(cols[rb].size());
+      run_col.insert(run_col.end(), cols[rb].begin(), cols[rb].end());
+      run_start.insert(run_start.end(), starts[rb].begin(), starts[rb].end());
     }
-  });
+  }
+  // Parallel over the candidates of a row block: the threads share its query rows in the cache.
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    const int64_t i1 = std::min(N, (rb + 1) * rows_per_block);
+    const int64_t end_of_block = ptr[i1];
+    at::parallel_for(block_runs[rb], block_runs[rb + 1], 16, [&](int64_t r0, int64_t r1) {
+      std::vector<double> yd(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t first = run_start[r];
+        const int64_t last = r + 1 < block_runs[rb + 1] ? run_start[r + 1] : end_of_block;
+        const int32_t j = run_col[r];
+        exact_keys_of_candidate<float>(x, nx2, item_row.data() + first, item_out.data() + first, last - first,
+                                       y + static_cast<int64_t>(j) * d, yd.data(), ny2[j], d, l2);
+      }
+    });
+  }
 }
 
 // Searches every row of x against y, writing the exact top-k to vp/ip (row-major, k per row). Rows whose candidate
