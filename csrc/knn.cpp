@@ -425,10 +425,9 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   }
 
   // ---- exact re-score of the candidates that can still be in the top k ----
-  // Per row: the live candidates (upper bound >= the k-th largest lower bound L), best first by approximate score.
-  // Their exact scores come in two blocked passes over (row block x candidate block) buckets, so each database row
-  // is read from memory once per bucket rather than once per (row, candidate) pair: first the k best-ranked (the
-  // exact top k nearly always); then, with the k-th exact score E in hand, only the rest whose upper bound reaches E.
+  // Per row: the live candidates (upper bound >= the k-th largest lower bound L), the k best by approximate score
+  // first. Their exact scores come in two passes of exact_keys_blocked: first those k (the exact top k nearly
+  // always); then, with the k-th exact score E in hand, only the rest whose upper bound reaches E.
   std::vector<char> overflow(N, 0);
   std::vector<int64_t> live_n(N, 0);
   auto delta_of = [&](int64_t i, const Cand& c) {
@@ -460,7 +459,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       int64_t w = 0;
       for (int64_t c = 0; c < n; ++c)
         if (static_cast<double>(h[c].score) + delta_of(i, h[c]) >= L) h[w++] = h[c];
-      std::sort(h, h + w, BestFirst());
+      // The head pass takes slots [0, k), the tail pass the rest: only that split needs the approximate order.
+      if (w > k) std::nth_element(h, h + (k - 1), h + w, BestFirst());
       live_n[i] = w;
     }
   });
