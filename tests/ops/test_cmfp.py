@@ -64,6 +64,14 @@ def test_cpp_many_panels_and_pruning(backend):
         _assert_same(_run(fv, fr, k, "cpp", backend), cmfp_ref(fv, fr, k), 1e-5)
 
 
+@pytest.mark.parametrize("dtype, atol", DTYPES)
+def test_cpp_propagation_over_several_row_blocks(backend, dtype, atol):
+    # The C++ propagation streams the input rows in last-level-cache blocks of 2-8 MB: at d = 2048, 1,600 rows are
+    # 13 MB in float32 (26 MB in float64), so rows gather their neighbours across several blocks.
+    fv, fr = _features(900, 700, 2048, seed=3, dtype=dtype)
+    _assert_same(_run(fv, fr, 6, "cpp", backend), cmfp_ref(fv, fr, 6), atol)
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.float64, 1e-5)])
 @pytest.mark.parametrize("shape", [(1, 1, 4, 1), (5, 3, 7, 2), (37, 100, 20, 9), (140, 30, 33, 30)])
