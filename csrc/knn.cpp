@@ -160,26 +160,38 @@ int64_t compact_candidates(Cand* h, int64_t n, int64_t k, int64_t C, const RowBo
 // 2C + kChunk entries, cut back (compact_candidates) once it holds more than 2C; cut->score only rises. A vectorised
 // check per chunk skips the chunks holding no score >= the cut; the others are appended branch-free (entries below
 // the cut are overwritten by the next one).
-template <typename T>
-VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
+template <typename T, bool kSub>
+VIREID_ALWAYS_INLINE void merge_scores_impl(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
                                             int64_t k, int64_t C, const RowBound& rb, int64_t* n_io, Cand* cut_io,
                                             std::vector<double>& scratch) {
+  auto score = [&](int64_t c) { return kSub ? load_score(s_row[c]) - sub[c] : load_score(s_row[c]); };
   int64_t n = *n_io;
   Cand cut = *cut_io;
   for (int64_t c0 = 0; c0 < ncols; c0 += kChunk) {
     const int64_t c1 = std::min(ncols, c0 + kChunk);
     int any = 0;
-    for (int64_t c = c0; c < c1; ++c) any |= (load_score(s_row[c]) - sub[c]) >= cut.score;
+    for (int64_t c = c0; c < c1; ++c) any |= score(c) >= cut.score;
     if (!any) continue;
     if (n > 2 * C) n = compact_candidates(h, n, k, C, rb, &cut, scratch);
     for (int64_t c = c0; c < c1; ++c) {
-      const float s = load_score(s_row[c]) - sub[c];
+      const float s = score(c);
       h[n] = {s, static_cast<int32_t>(j0 + c)};
       n += s >= cut.score;
     }
   }
   *n_io = n;
   *cut_io = cut;
+}
+
+// sub == nullptr: nothing to subtract (ip), which keeps the chunk check to one load per score.
+template <typename T>
+VIREID_ALWAYS_INLINE void merge_scores_body(const T* s_row, const float* sub, int64_t j0, int64_t ncols, Cand* h,
+                                            int64_t k, int64_t C, const RowBound& rb, int64_t* n_io, Cand* cut_io,
+                                            std::vector<double>& scratch) {
+  if (sub == nullptr)
+    merge_scores_impl<T, false>(s_row, sub, j0, ncols, h, k, C, rb, n_io, cut_io, scratch);
+  else
+    merge_scores_impl<T, true>(s_row, sub, j0, ncols, h, k, C, rb, n_io, cut_io, scratch);
 }
 VIREID_MULTIVERSION(merge_scores)
 
@@ -392,10 +404,11 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
                        std::vector<double>& scratch) {
     Cand* h = heaps.data() + i * cap;
     const RowBound rb = row_bound(i);
+    const float* sub = l2 ? nyh.data() + j0 : nullptr;
     if (s_row)
-      merge_scores<float>(s_row, nyh.data() + j0, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
+      merge_scores<float>(s_row, sub, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
     else
-      merge_scores<uint16_t>(s_row_b, nyh.data() + j0, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
+      merge_scores<uint16_t>(s_row_b, sub, j0, ncols, h, k, C, rb, &sizes[i], &cuts[i], scratch);
   };
   // Rows [r0, r1) of a score tile (one row per query row, columns col0..) into their rows' candidates.
   auto merge_tile = [&](const at::Tensor& t, int64_t r0, int64_t r1, int64_t col0) {
