@@ -4,11 +4,12 @@
   per-query NumPy loop of the community code (written here from the spec). Target: >= 20x.
 * ``cmfp``: Nv = Nr = 6,000 and 20,000, d = 2048, k = 30 — ``vireid_fast.ops.cmfp`` vs the dense four-block
   implementation (four dense similarity blocks, a full sort of every row as SALCR does, dense G @ F), each in its own
-  subprocess to measure peak RSS. Targets: >= 10x faster and <= 1/4 of the peak RSS at 6,000 + 6,000; 20,000 +
-  20,000 within 8 GB (the dense version needs tens of GB there and is skipped).
+  subprocess to measure peak RSS; at 6,000 + 6,000 the median of three runs of ours against the mean of two dense
+  runs, alternated. Targets: >= 10x faster and <= 1/4 of the peak RSS at 6,000 + 6,000; 20,000 + 20,000 within 8 GB
+  (the dense version needs tens of GB there and is skipped).
 
-Run: ``.venv/bin/python -m pytest benchmarks/test_bench_eval.py --benchmark-only``. The machine may be shared: the
-numbers in ``extra_info`` are single measurements.
+Run: ``.venv/bin/python -m pytest benchmarks/test_bench_eval.py --benchmark-only``. The machine may be shared:
+apart from the CMFP medians, the numbers in ``extra_info`` are single measurements.
 """
 
 from __future__ import annotations
@@ -137,11 +138,25 @@ def _run_worker(impl: str, n_per: int, d: int = 2048, k: int = 30) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
 def test_cmfp_6000(benchmark):
-    dense = _run_worker("dense", 6000)
-    ours = benchmark.pedantic(lambda: _run_worker("ours", 6000), rounds=1, iterations=1)
-    assert abs(ours["checksum"] - dense["checksum"]) < 1e-3
+    # Fresh processes, alternated (dense, ours, dense, ours, ours): on a shared machine one run can be 20% off either
+    # way, so medians are compared; every run is recorded.
+    dense_runs, ours_runs = [], []
+    for impl in ("dense", "ours", "dense", "ours"):
+        (dense_runs if impl == "dense" else ours_runs).append(_run_worker(impl, 6000))
+    benchmark.pedantic(lambda: ours_runs.append(_run_worker("ours", 6000)), rounds=1, iterations=1)
+    # Medians: of three runs for ours, of two (their mean) for the dense version; peak RSS is the largest seen.
+    dense = dict(max(dense_runs, key=lambda r: r["peak_rss_mb"]),
+                 seconds=sum(r["seconds"] for r in dense_runs) / len(dense_runs))
+    ours = dict(max(ours_runs, key=lambda r: r["peak_rss_mb"]), seconds=_median_run(ours_runs)["seconds"])
+    assert all(abs(r["checksum"] - dense_runs[0]["checksum"]) < 1e-3 for r in ours_runs + dense_runs)
     benchmark.extra_info.update(
+        ours_runs_s=[round(r["seconds"], 3) for r in ours_runs],
+        dense_runs_s=[round(r["seconds"], 3) for r in dense_runs],
         ours_s=ours["seconds"], dense_s=dense["seconds"], speedup=dense["seconds"] / ours["seconds"],
         ours_peak_rss_mb=ours["peak_rss_mb"], dense_peak_rss_mb=dense["peak_rss_mb"],
         rss_ratio=ours["peak_rss_mb"] / dense["peak_rss_mb"], baseline_rss_mb=ours["inputs_rss_mb"],
