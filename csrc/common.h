@@ -135,8 +135,10 @@ namespace vireid {
 // Dot product of two float rows as the float64 sum of the (exact) float64 products. 32 fixed accumulators (column t
 // goes to t mod 32), folded as acc[u] += acc[u + w] for w = 16, 8, 4, 2, 1: the same sum on every ISA, so "exact"
 // scores do not depend on the machine, and four independent vector chains (the kNN re-score is bound by this loop).
-template <typename T>
-VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const float* b, int64_t d) {
+// b may also be given as its float64 conversion (B = double): the same products and order, so the same bits, and a
+// row scored against many others is converted once.
+template <typename T, typename B>
+VIREID_ALWAYS_INLINE double dot_exact_body(const float* a, const B* b, int64_t d) {
   constexpr int kLanes = 32;
   double acc[kLanes] = {0};
   int64_t t = 0;

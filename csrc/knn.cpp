@@ -8,8 +8,8 @@
 // bound reaches the k-th largest lower bound seen so far (the only ones that can be in the exact top k), at most C of
 // them. Only rows with more than C such near-ties drop candidates; the exact top-k is still guaranteed to lie among
 // the kept ones when the worst kept score is more than the bound below the k-th lower bound. Rows where that check
-// fails are redone: by an fp32 candidate pass after a bf16 search, by an exact scan after an fp32 one. So the bf16 candidate search returns bit-identical results to the fp32 one; the
-// precision only changes the speed.
+// fails are redone: by an fp32 candidate pass after a bf16 search, by an exact scan after an fp32 one. So the bf16
+// candidate search returns bit-identical results to the fp32 one; the precision only changes the speed.
 // Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,7 +43,9 @@ VIREID_ALWAYS_INLINE float bf16_to_float(uint16_t bits) {
 VIREID_ALWAYS_INLINE float load_score(float v) { return v; }
 VIREID_ALWAYS_INLINE float load_score(uint16_t v) { return bf16_to_float(v); }
 
-const uint16_t* bf16_rows(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); }
+const uint16_t* bf16_rows(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>());
+}
 
 
 // Rounds row r of x (d floats) to bf16 (nearest even; inputs are finite) into out, and returns the squared norms of
@@ -225,23 +227,6 @@ void write_row(std::vector<Exact>& pool, int64_t k, bool l2, float* vals, int64_
 
 double row_sq_norm(const float* v, int64_t d) { return dot_exact<float>(v, v, d); }
 
-// dot_exact(a, b) with b given as its float64 conversion: the same products, summed in the same order, so the same
-// bits. Scoring several queries against one candidate converts the candidate once instead of once per pair.
-template <typename T>
-VIREID_ALWAYS_INLINE double dot_exact_mixed_body(const float* a, const double* b, int64_t d) {
-  constexpr int kLanes = 32;
-  double acc[kLanes] = {0};
-  int64_t t = 0;
-  for (; t + kLanes <= d; t += kLanes) {
-    for (int u = 0; u < kLanes; ++u) acc[u] += static_cast<double>(a[t + u]) * b[t + u];
-  }
-  for (int u = 0; t < d; ++t, ++u) acc[u] += static_cast<double>(a[t]) * b[t];
-  for (int w = kLanes / 2; w >= 1; w /= 2) {
-    for (int u = 0; u < w; ++u) acc[u] += acc[u + w];
-  }
-  return acc[0];
-}
-
 // Exact keys of the queries rows[0, n) (sorted) of x against one candidate row y_j (given as float64 yd).
 template <typename T>
 VIREID_ALWAYS_INLINE void exact_keys_of_candidate_body(const float* x, const double* nx2, const int32_t* rows,
@@ -251,7 +236,7 @@ VIREID_ALWAYS_INLINE void exact_keys_of_candidate_body(const float* x, const dou
   double key = 0.0;
   for (int64_t c = 0; c < n; ++c) {
     if (c == 0 || rows[c] != rows[c - 1]) {  // rows come sorted: a repeated pair is scored once
-      const double s = dot_exact_mixed_body<T>(x + static_cast<int64_t>(rows[c]) * d, yd, d);
+      const double s = dot_exact_body<T>(x + static_cast<int64_t>(rows[c]) * d, yd, d);
       key = l2 ? nx2[rows[c]] + ny2j - 2.0 * s : -s;
     }
     *out[c] = key;
@@ -504,7 +489,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
       // A dropped column j scored s <= worst.score; s + rel |s + nyh_j| grows with s, and nyh_j <= ||y||_max^2 / 2.
       const double worst_upper = static_cast<double>(worst.score) + bound[i] +
-                                 rel * (1.0 + 4.0 * u32) * (std::fabs(static_cast<double>(worst.score)) + 0.5 * ny2_max);
+                                 rel_eff * (std::fabs(static_cast<double>(worst.score)) + 0.5 * ny2_max);
       if (dropped && worst_upper >= L) {
         overflow[i] = 1;
         continue;
@@ -540,7 +525,8 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
       for (int64_t t = k; t < n; ++t) {
         const Cand& c = heaps[i * cap + t];
-        if (static_cast<double>(c.score) + delta_of(i, c) + slack >= e_score) tail[i].push_back(static_cast<int32_t>(t));
+        if (static_cast<double>(c.score) + delta_of(i, c) + slack >= e_score)
+          tail[i].push_back(static_cast<int32_t>(t));
       }
     }
   });
