@@ -124,6 +124,8 @@ struct BestFirst {
 struct RowBound {
   double bound, rel, dmax;
   const float* nyh;
+  // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
+  double delta(const Cand& c) const { return bound + rel * std::fabs(static_cast<double>(c.score) + nyh[c.index]); }
 };
 
 // Cuts a row's candidate buffer h[0, n) back (rarely called: once the buffer holds more than 2C):
@@ -136,10 +138,7 @@ struct RowBound {
 int64_t compact_candidates(Cand* h, int64_t n, int64_t k, int64_t C, const RowBound& rb, Cand* cut,
                            std::vector<double>& lower) {
   lower.resize(n);
-  for (int64_t c = 0; c < n; ++c) {
-    const double s = h[c].score;
-    lower[c] = s - (rb.bound + rb.rel * std::fabs(s + rb.nyh[h[c].index]));
-  }
+  for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - rb.delta(h[c]);
   std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
   const double kcut_exact = lower[k - 1] - rb.dmax;
   float kcut = static_cast<float>(kcut_exact);
@@ -468,22 +467,19 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   // always); then, with the k-th exact score E in hand, only the rest whose upper bound reaches E.
   std::vector<char> overflow(N, 0);
   std::vector<int64_t> live_n(N, 0);
-  auto delta_of = [&](int64_t i, const Cand& c) {
-    // The relative part applies to the GEMM output, dot = score + ||y_j||^2 / 2 (l2; nyh is 0 for ip).
-    return bound[i] + rel_eff * std::fabs(static_cast<double>(c.score) + nyh[c.index]);
-  };
   at::parallel_for(0, N, 32, [&](int64_t b, int64_t e) {
     std::vector<double> lower(C), scratch;
     for (int64_t i = b; i < e; ++i) {
       Cand* h = heaps.data() + i * cap;
       int64_t n = sizes[i];
-      if (n > C) n = compact_candidates(h, n, k, C, row_bound(i), &cuts[i], scratch);
+      const RowBound rb = row_bound(i);
+      if (n > C) n = compact_candidates(h, n, k, C, rb, &cuts[i], scratch);
       const bool dropped = cuts[i].index != std::numeric_limits<int32_t>::max();
       Cand worst = h[0];
       for (int64_t c = 1; c < n; ++c)
         if (ranks_before(worst.score, worst.index, h[c].score, h[c].index)) worst = h[c];
       // L = k-th largest lower bound: the exact k-th best score is at least L.
-      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - delta_of(i, h[c]);
+      for (int64_t c = 0; c < n; ++c) lower[c] = h[c].score - rb.delta(h[c]);
       std::nth_element(lower.begin(), lower.begin() + (k - 1), lower.begin() + n, std::greater<double>());
       const double L = lower[k - 1];
       // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
@@ -496,7 +492,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       }
       int64_t w = 0;
       for (int64_t c = 0; c < n; ++c)
-        if (static_cast<double>(h[c].score) + delta_of(i, h[c]) >= L) h[w++] = h[c];
+        if (static_cast<double>(h[c].score) + rb.delta(h[c]) >= L) h[w++] = h[c];
       // The head pass takes slots [0, k), the tail pass the rest: only that split needs the approximate order.
       if (w > k) std::nth_element(h, h + (k - 1), h + w, BestFirst());
       live_n[i] = w;
@@ -523,9 +519,10 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       // the k-th exact key as a score (ip: -key, l2: (||x||^2 - key) / 2)
       const double e_score = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
       const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
+      const RowBound rb = row_bound(i);
       for (int64_t t = k; t < n; ++t) {
         const Cand& c = heaps[i * cap + t];
-        if (static_cast<double>(c.score) + delta_of(i, c) + slack >= e_score)
+        if (static_cast<double>(c.score) + rb.delta(c) + slack >= e_score)
           tail[i].push_back(static_cast<int32_t>(t));
       }
     }
