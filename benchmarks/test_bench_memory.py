@@ -168,6 +168,7 @@ def test_ours(benchmark, classes, monkeypatch):
     ours_med, community_med = statistics.median(ours_ms), statistics.median(community_ms)
     ours_cpu_med, community_cpu_med = statistics.median(ours_cpu), statistics.median(community_cpu)
     floor_med = statistics.median(floor_ms)
+    cpu_model = _cpu_model()
     benchmark.extra_info.update({
         "ours_ms": round(ours_med, 3), "community_ms": round(community_med, 3),
         "speedup_vs_community": round(community_med / ours_med, 2),
@@ -177,7 +178,7 @@ def test_ours(benchmark, classes, monkeypatch):
         "speedup_vs_community_cpu_time": round(community_cpu_med / ours_cpu_med, 2),
         "gemm_floor_ms": round(floor_med, 3), "max_speedup_at_gemm_floor": round(community_med / floor_med, 2),
         # Ours against the fastest any float32 implementation could be on this machine (1 = the two GEMMs alone).
-        "ours_over_gemm_floor": round(ours_med / floor_med, 3), "cpu_model": _cpu_model(),
+        "ours_over_gemm_floor": round(ours_med / floor_med, 3), "cpu_model": cpu_model,
         "threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2),
         **_peak_memory("ours", classes, "cpp"),
     })
@@ -186,7 +187,7 @@ def test_ours(benchmark, classes, monkeypatch):
           f"{statistics.median(ratios):.2f}x; CPU time {ours_cpu_med:.2f} vs {community_cpu_med:.2f} ms, "
           f"{community_cpu_med / ours_cpu_med:.2f}x; load {os.getloadavg()[0]:.1f}; target >= 4x at C=500); the two "
           f"GEMMs alone take {floor_med:.2f} ms (at most {community_med / floor_med:.2f}x for any float32 "
-          f"implementation; ours takes {ours_med / floor_med:.2f}x that floor) on {_cpu_model()}")
+          f"implementation; ours takes {ours_med / floor_med:.2f}x that floor) on {cpu_model}")
 
 
 @pytest.mark.parametrize("classes", [500, 2000])
