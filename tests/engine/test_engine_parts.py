@@ -69,7 +69,7 @@ def test_modality_one_spelling():
 
 
 def test_protocol_is_a_dataset_attribute():
-    from vireid_fast.data import PreparedRegDB, PreparedSYSUMM01, RegDB, SYSUMM01, SyntheticVIReID
+    from vireid_fast.data import SYSUMM01, PreparedRegDB, PreparedSYSUMM01, RegDB, SyntheticVIReID
     from vireid_fast.data.registry import VIReIDDataset
 
     assert SYSUMM01.protocol == SyntheticVIReID.protocol == PreparedSYSUMM01.protocol == "sysu"

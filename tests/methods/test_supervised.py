@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from vireid_fast.config import load_config
 from vireid_fast.methods import Supervised, TrainBatch
-from vireid_fast.models import small_resnet
 from vireid_fast.modality import INFRARED, VISIBLE
+from vireid_fast.models import small_resnet
 
 from .context import make_context
 
