@@ -104,3 +104,18 @@ def test_non_finite_loss_stops_training_naming_the_terms(root, tmp_path, monkeyp
     # the first iteration stepped, the poisoned one did not reach the weights
     assert all(torch.isfinite(v).all() for v in trainer.encoder.state_dict().values() if v.is_floating_point())
     assert any(not torch.equal(v, before[k]) for k, v in trainer.encoder.state_dict().items())
+
+
+def test_training_images_and_ema_without_buffer_copies(root, tmp_path):
+    from vireid_fast.models import EMAEncoder, small_resnet
+
+    trainer = Trainer(tiny_config(str(tmp_path / "run")), data_root=root, log=lambda *a, **k: None, progress=False)
+    images = trainer.context.images(VISIBLE, [3, 0])
+    assert images.dtype == torch.uint8 and images.shape[0] == 2
+    assert torch.equal(images[0], trainer.train_sets[VISIBLE][3][0])
+    model = small_resnet(widths=(8, 8, 8, 16))
+    model.bnneck.running_mean.fill_(1.0)
+    for copy_buffers, want in ((True, 1.0), (False, 0.0)):
+        ema = EMAEncoder(small_resnet(widths=(8, 8, 8, 16)), 0.5, copy_buffers=copy_buffers)
+        ema.update(model)
+        assert float(ema.module.bnneck.running_mean[0]) == want

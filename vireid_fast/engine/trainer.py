@@ -188,11 +188,12 @@ class Trainer:
             model=self.model, encoder=self.encoder, device=self.device, config=self.config,
             augment={"train": self.augment, "channel": self.augment_channel}, autocast=self.autocast,
             gather=self.gather, extract=self.extract_training_sets, log=self.log, log_value=self._log_value,
-            timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth, rank=self.rank,
-            world=self.world, seed=self.config.experiment.seed)
+            timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth,
+            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed)
         self.method = get_method(self.config.method.name)(self.config.method, self.context).to(self.device)
         wants_ema = self.method.uses_ema or self.config.model.use_ema
-        self.ema = EMAEncoder(self.encoder, self.config.model.ema_beta) if wants_ema else None
+        self.ema = (EMAEncoder(self.encoder, self.config.model.ema_beta, copy_buffers=self.method.ema_copies_buffers)
+                    if wants_ema else None)
         self.context.ema = self.ema
 
     def _setup_optimizer(self) -> None:
@@ -223,6 +224,11 @@ class Trainer:
         """True identities of the training images per modality, (N,) int64 in dataset order (metrics and the
         supervised ceiling only)."""
         return {m: np.array([r.pid for r in self.train_sets[m].records], dtype=np.int64) for m in MODALITIES}
+
+    def training_images(self, modality: Modality, indices) -> torch.Tensor:
+        """uint8 (B, 3, H, W) training images of ``modality`` at dataset ``indices``, on the device."""
+        dataset = self.train_sets[Modality.parse(modality)]
+        return torch.stack([dataset[int(i)][0] for i in indices]).to(self.device)
 
     def _log_value(self, name: str, value) -> None:
         self._values.setdefault(name, []).append(float(value))

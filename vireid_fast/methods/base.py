@@ -107,8 +107,9 @@ class MethodContext:
     :meth:`Method.embed` (:data:`Features`); log(msg); log_value(name, value): a per-iteration scalar averaged into
     the epoch's row as ``value/<name>`` (e.g. a loss computed without gradient); timed(phase): a context manager adding
     its wall time to ``time/<phase>`` of the epoch (nested phases are not double-counted); backward_step(loss):
-    backward and an optimiser step now (for methods that step more than once per iteration); ground_truth(): true
-    identities per modality — only the supervised ceiling may read them.
+    backward and an optimiser step now (for methods that step more than once per iteration); images(modality,
+    indices): uint8 (B, 3, H, W) training images on the device (for batches a method draws itself, e.g. from a second
+    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them.
     """
 
     model: nn.Module
@@ -124,6 +125,7 @@ class MethodContext:
     timed: Callable[[str], contextlib.AbstractContextManager]
     backward_step: Callable[[torch.Tensor], None]
     ground_truth: Callable[[], dict[Modality, np.ndarray]]
+    images: Callable[[Modality, Iterable[int]], torch.Tensor] | None = None
     rank: int = 0
     world: int = 1
     seed: int = 0
@@ -137,6 +139,9 @@ class Method(nn.Module):
     #: The engine keeps a momentum (EMA) copy of the encoder in ``context.ema`` (``model.ema_beta``); may be set per
     #: instance in ``__init__`` from ``params``.
     uses_ema = False
+    #: False: the EMA encoder keeps the BatchNorm statistics of its own (train-mode) forwards instead of copying the
+    #: trained encoder's after every step.
+    ema_copies_buffers = True
     #: Labels of the two modalities index the same identities (after association), so the cross-modality
     #: pseudo-label precision/recall is meaningful and reported.
     shared_label_space = False
