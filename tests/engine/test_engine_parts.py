@@ -119,3 +119,11 @@ def test_training_images_and_ema_without_buffer_copies(root, tmp_path):
         ema = EMAEncoder(small_resnet(widths=(8, 8, 8, 16)), 0.5, copy_buffers=copy_buffers)
         ema.update(model)
         assert float(ema.module.bnneck.running_mean[0]) == want
+
+
+def test_cluster_count_is_distinct_labels_not_the_maximum():
+    from vireid_fast.methods import count_clusters
+
+    # a joint label space: this modality holds labels 0, 4 and 7 of eight
+    assert count_clusters(torch.tensor([7, 7, -1, 0, 4, 4])) == 3
+    assert count_clusters(torch.tensor([-1, -1])) == 0 and count_clusters(torch.tensor([], dtype=torch.long)) == 0
