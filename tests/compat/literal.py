@@ -65,46 +65,120 @@ def jaccard(features: np.ndarray, k1: int, k2: int, rank: np.ndarray | None = No
     return out.astype(np.float32)
 
 
-def cm_logits_and_update(inputs, targets, memory, momentum, order=None):
-    """``CM``: logits ``x . m^T`` and, after the gradient, ``m[y] <- (μ m[y] + (1-μ) x) / norm`` sample by sample."""
-    x = F.normalize(inputs, dim=1)
-    logits = x @ memory.t()
-    seq = range(len(targets)) if order is None else order
+def _groups(targets) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for b, y in enumerate(targets.tolist()):
+        out.setdefault(y, []).append(b)
+    return out
 
-    def update():
+
+def _step(memory, row, value, momentum):
+    memory[row] = momentum * memory[row] + (1.0 - momentum) * value
+    memory[row] /= memory[row].norm()
+
+
+class LiteralCM(torch.autograd.Function):
+    """The community ``CM`` family: forward ``x . m^T``; backward ``grad . m`` with m as it was, then the update loop
+    named by ``mode``: "seq" (batch order), "perm" (order ``torch.randperm(B)`` drawn in backward), "weighted"
+    (``x * w``), "hard" (cm_hard), "hybrid" (PCLHD CM_Hybrid), "instance" (PCLHD CM_Hard on features_ema), "none"."""
+
+    @staticmethod
+    def forward(ctx, x, targets, memory, momentum, mode, extra):
+        ctx.save_for_backward(x)
+        ctx.targets, ctx.memory, ctx.momentum, ctx.mode, ctx.extra = targets, memory, momentum, mode, extra
+        return x.mm(memory.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_x = grad.mm(ctx.memory)
+        t, m, mu, mode = ctx.targets, ctx.memory, ctx.momentum, ctx.mode
+        x = x.detach()
         with torch.no_grad():
-            for b in seq:
-                y = int(targets[b])
-                memory[y] = momentum * memory[y] + (1 - momentum) * x[b].detach()
-                memory[y] /= memory[y].norm()
-    return logits, update
+            if mode == "seq":
+                for b in range(len(t)):
+                    _step(m, int(t[b]), x[b], mu)
+            elif mode == "perm":
+                order = torch.randperm(len(t))
+                for b in order.tolist():
+                    _step(m, int(t[b]), x[b], mu)
+            elif mode == "weighted":
+                for b in range(len(t)):
+                    _step(m, int(t[b]), x[b] * ctx.extra[b], mu)
+            elif mode == "hard":
+                for y, members in _groups(t).items():
+                    sims = [float(x[b] @ m[y]) for b in members]
+                    _step(m, y, x[members[int(np.argmin(sims))]], mu)
+            elif mode == "hybrid":
+                c = m.shape[0] // 2
+                for y, members in _groups(t).items():
+                    sims = [float(x[b] @ m[y]) for b in members]
+                    _step(m, y, torch.stack([x[b] for b in members]).mean(0), mu)
+                    _step(m, y + c, x[members[int(np.argmin(sims))]], mu)
+            elif mode == "instance":
+                n_inst = ctx.extra
+                c = m.shape[0] // n_inst
+                for y, members in _groups(t).items():
+                    rows = [y + c * i for i in range(n_inst)]
+                    ids = np.random.choice(len(members), n_inst, replace=len(members) < 16)
+                    m[rows] = torch.stack([x[b] for b in members])[ids]
+        return grad_x, None, None, None, None, None
 
 
-def cm_hard_update(x, targets, memory, momentum):
-    """``CM_Hard``: per label (first-appearance order), the member with the smallest ``x . m[y]`` moves the row."""
-    with torch.no_grad():
-        groups: dict[int, list[int]] = {}
-        for b, y in enumerate(targets.tolist()):
-            groups.setdefault(y, []).append(b)
-        for y, members in groups.items():
-            sims = [float(x[b] @ memory[y]) for b in members]
-            hard = members[int(np.argmin(sims))]
-            memory[y] = memory[y] * momentum + (1 - momentum) * x[hard]
-            memory[y] /= memory[y].norm()
+def cm(inputs, targets, memory, momentum, mode="seq", extra=None):
+    """Logits ``normalize(inputs) . memory^T`` through :class:`LiteralCM`."""
+    return LiteralCM.apply(F.normalize(inputs, dim=1), targets, memory, momentum, mode, extra)
 
 
-def hybrid_update(x, targets, memory, momentum):
-    """PCLHD ``CM_Hybrid``: per label, the mean row [y] and the hard row [y + C] (hardness against the old row y)."""
-    c = memory.shape[0] // 2
-    with torch.no_grad():
-        groups: dict[int, list[int]] = {}
-        for b, y in enumerate(targets.tolist()):
-            groups.setdefault(y, []).append(b)
-        for y, members in groups.items():
-            sims = [float(x[b] @ memory[y]) for b in members]
-            mean = x[members].mean(0)
-            memory[y] = memory[y] * momentum + (1 - momentum) * mean
-            memory[y] /= memory[y].norm()
-            hard = members[int(np.argmin(sims))]
-            memory[y + c] = memory[y + c] * momentum + (1 - momentum) * x[hard]
-            memory[y + c] /= memory[y + c].norm()
+def cluster_loss(inputs, targets, memory, temp, momentum, mode="seq", ca=None):
+    """cluster-contrast's ``ClusterMemory.forward`` (HIL: ``ca`` per-sample weights)."""
+    logits = cm(inputs, targets, memory, momentum, mode) / temp
+    if ca is None:
+        return F.cross_entropy(logits, targets)
+    return (F.cross_entropy(logits, targets, reduction="none") * ca).mean()
+
+
+def batch(seed: int, b: int = 24, c: int = 6, d: int = 16, rows: int | None = None):
+    """Un-normalised inputs (B, D), labels (B,) covering [0, c) with repeats, and normalised prototypes (rows, D)."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(b, d, generator=g) * (0.5 + torch.rand(b, 1, generator=g))
+    targets = torch.cat([torch.arange(c), torch.randint(0, c, (b - c,), generator=g)])
+    targets = targets[torch.randperm(b, generator=g)]
+    memory = F.normalize(torch.randn(rows or c, d, generator=g), dim=1)
+    return inputs, targets, memory
+
+
+def assert_step(ours_out, lit_out, ours_x, lit_x, ours_mem, lit_mem, atol=1e-5):
+    """Same output, same input gradient, same memory after the update."""
+    torch.testing.assert_close(ours_out.detach(), lit_out.detach(), atol=atol, rtol=0)
+    torch.testing.assert_close(ours_x.grad, lit_x.grad, atol=atol, rtol=0)
+    torch.testing.assert_close(ours_mem, lit_mem, atol=atol, rtol=0)
+
+
+def sinkhorn(P, lam, max_iter=500):
+    """The seeds' ``sinkhorn_solver``: alternate row/column scalings of exp(-lam P); the relative change of the
+    column scaling is measured every 10th step and the loop stops once it is <= 0.1."""
+    k, n = P.shape
+    kernel = torch.exp(-lam * P)
+    alpha = torch.ones(k, 1) / k
+    beta = torch.ones(n, 1) / n
+    err, step = 1e6, 0
+    while err > 1e-1 and step < max_iter:
+        alpha = (1.0 / k) / kernel.mm(beta)
+        new = (1.0 / n) / alpha.t().mm(kernel).t()
+        if step % 10 == 0:
+            err = np.nansum(np.abs((beta / new - 1).numpy()))
+        beta = new
+        step += 1
+    return torch.diag(alpha.squeeze()).mm(kernel).mm(torch.diag(beta.squeeze()))
+
+
+def sqdist(x, y):
+    return (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2 * x @ y.t()
+
+
+def one_hot(labels, k):
+    out = torch.zeros(len(labels), k)
+    for i, lab in enumerate(labels.tolist()):
+        out[i, lab] = 1
+    return out
