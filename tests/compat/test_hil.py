@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from tests.compat import literal
-from vireid_fast.compat.hil import (ClusterMemory, ClusterMemory_shared, Memory_wise_v3, compute_jaccard_distance,
-                                    compute_ranked_list, compute_ranked_list_cm)
+from vireid_fast.compat.hil import (
+    ClusterMemory,
+    ClusterMemory_shared,
+    Memory_wise_v3,
+    compute_jaccard_distance,
+    compute_ranked_list,
+    compute_ranked_list_cm,
+)
 
 
 @pytest.mark.parametrize("cls", [ClusterMemory, ClusterMemory_shared])

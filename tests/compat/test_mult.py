@@ -12,8 +12,14 @@ import torch.nn.functional as F
 
 from tests.compat import literal
 from tests.compat.test_jaccard_l2 import unnormalised
-from vireid_fast.compat.mult import (MULT, ClusterMemory, compute_jaccard_distance, generate_one_hot_label,
-                                     rerank_jaccard, sinkhorn_solver)
+from vireid_fast.compat.mult import (
+    MULT,
+    ClusterMemory,
+    compute_jaccard_distance,
+    generate_one_hot_label,
+    rerank_jaccard,
+    sinkhorn_solver,
+)
 
 
 @pytest.mark.parametrize("with_targets,momentum_fix", [(True, True), (True, False), (False, True)])
