@@ -155,7 +155,7 @@ def assert_step(ours_out, lit_out, ours_x, lit_x, ours_mem, lit_mem, atol=1e-5):
     torch.testing.assert_close(ours_mem, lit_mem, atol=atol, rtol=0)
 
 
-def sinkhorn(P, lam, max_iter=500):
+def sinkhorn(P, lam, max_iter=500, return_steps=False):
     """The seeds' ``sinkhorn_solver``: alternate row/column scalings of exp(-lam P); the relative change of the
     column scaling is measured every 10th step and the loop stops once it is <= 0.1."""
     k, n = P.shape
@@ -170,7 +170,8 @@ def sinkhorn(P, lam, max_iter=500):
             err = np.nansum(np.abs((beta / new - 1).numpy()))
         beta = new
         step += 1
-    return torch.diag(alpha.squeeze()).mm(kernel).mm(torch.diag(beta.squeeze()))
+    plan = torch.diag(alpha.squeeze()).mm(kernel).mm(torch.diag(beta.squeeze()))
+    return (plan, step) if return_steps else plan
 
 
 def sqdist(x, y):

@@ -92,13 +92,14 @@ def test_mult_label_transfer():
         assert torch.equal(got, want.argmax(1))
 
 
-def test_sinkhorn_solver_and_one_hot():
+def test_sinkhorn_solver_and_one_hot(capsys):
     g = torch.Generator().manual_seed(1)
-    cost = literal.sqdist(F.normalize(torch.randn(30, 8, generator=g), dim=1),
-                          F.normalize(torch.randn(5, 8, generator=g), dim=1))
-    for lam in (5, 25):
-        torch.testing.assert_close(sinkhorn_solver(cost, lambda_sk=lam), literal.sinkhorn(cost, lam), atol=1e-6,
-                                   rtol=1e-5)
+    for n, k, d, lam in [(30, 5, 8, 5), (30, 5, 8, 25), (60, 8, 4, 25), (100, 10, 2, 25), (40, 6, 3, 50)]:
+        cost = literal.sqdist(F.normalize(torch.randn(n, d, generator=g), dim=1),
+                              F.normalize(torch.randn(k, d, generator=g), dim=1))
+        plan, steps = literal.sinkhorn(cost, lam, return_steps=True)
+        torch.testing.assert_close(sinkhorn_solver(cost, lambda_sk=lam), plan, atol=1e-6, rtol=1e-5)
+        assert f"Total step: {steps} " in capsys.readouterr().out  # the same stopping step
     labels = torch.tensor([2, 0, 1, 2])
     assert torch.equal(generate_one_hot_label(labels, 4), literal.one_hot(labels, 4))
     assert generate_one_hot_label(np.array([1, 0]), 2).dtype == torch.float32

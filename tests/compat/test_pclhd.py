@@ -48,27 +48,32 @@ def test_cm_mode(smooth, classes):
     literal.assert_step(out, expected, a, b, memory.features, lit)
 
 
+@pytest.mark.parametrize("near", [False, True])
 @pytest.mark.parametrize("mode", ["CMhybrid", "CMhard"])
-def test_hybrid_encoder_branch(mode):
+def test_hybrid_encoder_branch(mode, near):
     x, t, centres = literal.batch(2, c=6)
+    if near:  # inputs close to their prototypes: CE(mean) < the 0.2 margin, where the relu matters
+        x = 3 * centres[t] + 0.05 * x
     memory = ClusterMemory(16, 6, temp=0.05, momentum=0.1, mode=mode, num_instances=4)
     assert memory.features.shape == (12, 16)
     memory.features = F.normalize(centres.repeat(2, 1), dim=1)  # as the scripts assign it
     lit = memory.features.clone()
-    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out = memory(a, t) if mode == "CMhybrid" else memory(a, t, model_name="encoder")
-    expected = hybrid_loss(b, t, lit, F.cross_entropy)
-    out.backward()
-    expected.backward()
-    literal.assert_step(out, expected, a, b, memory.features, lit)
+    for step in range(2):  # after the first update the mean and hard halves differ
+        a, b = (x + 0.1 * step).clone().requires_grad_(), (x + 0.1 * step).clone().requires_grad_()
+        out = memory(a, t) if mode == "CMhybrid" else memory(a, t, model_name="encoder")
+        expected = hybrid_loss(b, t, lit, F.cross_entropy)
+        out.backward()
+        expected.backward()
+        literal.assert_step(out, expected, a, b, memory.features, lit)
 
 
-def test_cmhard_encoder_ema_branch_draws_like_the_community():
+@pytest.mark.parametrize("classes", [6, 1])  # 1: all 24 samples share a label, >= 16 members draw without replacement
+def test_cmhard_encoder_ema_branch_draws_like_the_community(classes):
     n_inst = 4
-    x, t, _ = literal.batch(3, c=6)
-    _, _, ema = literal.batch(4, c=6, rows=6 * n_inst)
-    memory = ClusterMemory(16, 6, temp=0.05, momentum=0.1, mode="CMhard", num_instances=n_inst)
-    assert memory.features_ema.shape == (24, 16) and memory.hard_weight == 0.5
+    x, t, _ = literal.batch(3, c=classes)
+    _, _, ema = literal.batch(4, c=classes, rows=classes * n_inst)
+    memory = ClusterMemory(16, classes, temp=0.05, momentum=0.1, mode="CMhard", num_instances=n_inst)
+    assert memory.features_ema.shape == (classes * n_inst, 16) and memory.hard_weight == 0.5
     memory.features_ema = ema.clone()
     lit = ema.clone()
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
