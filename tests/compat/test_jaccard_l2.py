@@ -118,3 +118,17 @@ def test_faiss_misorders_near_ties_and_we_follow_the_exact_order():
     np.testing.assert_allclose(got, literal.jaccard(x, 20, 6, rank=exact), rtol=0, atol=1e-5)
     community = literal.jaccard(x, 20, 6, rank=faiss_rank.astype(np.int64))
     assert np.abs(community - got).max() > 1e-3, "faiss's rounding changes the community's distances here"
+
+
+@pytest.mark.parametrize("name", ["cpp", "reference", "triton"])
+def test_metric_l2_on_every_backend(name, backend):
+    from vireid_fast import _extension
+
+    if name == "cpp" and not _extension.status()[0]:
+        pytest.skip("C++ extension unavailable")
+    if name == "triton":
+        pytest.importorskip("triton")
+    backend(name)
+    x = unnormalised(40, 8, 6)  # small: the Triton interpreter is slow
+    got = kreciprocal_jaccard(torch.from_numpy(x), 10, 4, metric="l2").numpy()
+    np.testing.assert_allclose(got, literal.jaccard(x, 10, 4), rtol=0, atol=1e-5)
