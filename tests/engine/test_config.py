@@ -30,6 +30,12 @@ def test_defaults_and_overrides():
     ("method:\n  temp: 0\n", "method.temp: must be > 0"),
     ("method:\n  tempp: 0.1\n", "unknown key 'method.tempp' (did you mean 'method.temp'?)"),
     ("- 1\n- 2\n", "must be a mapping"),
+    ("method: dcl\n", "method: must be a mapping of keys to values"),
+    ("train: 5\n", "train: must be a mapping of keys to values, got 5"),
+    ("1: 2\n", "unknown key '1'"),
+    ("train:\n  lr: .nan\n", "train.lr: must be a finite number, got nan"),
+    ("model:\n  gem_p: .inf\n", "model.gem_p: must be a finite number, got inf"),
+    ("data:\n  max_image_pixels: 0\n", "data.max_image_pixels: must be >= 1"),
 ])
 def test_validation_messages_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
@@ -67,3 +73,18 @@ def test_shipped_configs_validate():
     assert paths
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "cluster.eps=.nan", "method.temp=.nan", "model.gem_p=.inf",
+                                      "train.weight_decay=-.inf", "train.flip_p=.nan", "model.ema_beta=.nan"])
+def test_float_keys_refuse_nan_and_inf(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}: must be a finite number, got -?(nan|inf)"):
+        load_config(None, [override])
+
+
+def test_override_does_not_hide_a_malformed_section(tmp_path):
+    with pytest.raises(ConfigError, match="^train: must be a mapping of keys to values, got 5"):
+        load_config(write(tmp_path, "train: 5\n"), ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="^method: must be a mapping"):
+        load_config(write(tmp_path, "method: dcl\n"), ["method.temp=0.1"])
