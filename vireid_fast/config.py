@@ -176,7 +176,8 @@ def _coerce(key: str, value, tp, meta: dict):
             raise ConfigError(f"{key}: must be a number, got {value!r} ({type(value).__name__})")
         value = float(value)
         if not math.isfinite(value):  # NaN passes every < / > range check below, so it is refused here
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}; set a finite value (e.g. {key}=0.5)")
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}; set a finite value (defaults: "
+                              "vireid-fast train --print-config)")
     elif tp is str:
         if value is None:
             value = ""
