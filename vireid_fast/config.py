@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -158,6 +159,9 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list"}.get(tp, str(tp))
 
 
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value, tp, meta: dict):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -172,6 +176,8 @@ def _coerce(key: str, value, tp, meta: dict):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r} ({type(value).__name__})")
     elif tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r} ({type(value).__name__})")
         value = float(value)

@@ -88,3 +88,12 @@ def test_override_does_not_hide_a_malformed_section(tmp_path):
         load_config(write(tmp_path, "train: 5\n"), ["train.epochs=3"])
     with pytest.raises(ConfigError, match="^method: must be a mapping"):
         load_config(write(tmp_path, "method: dcl\n"), ["method.temp=0.1"])
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; float keys take it as the number it spells (int keys do not)."""
+    config = load_config(None, ["train.lr=1e-3", "model.gem_p=3E0", "cluster.eps=+.5"])
+    assert config.train.lr == 1e-3 and config.model.gem_p == 3.0 and config.cluster.eps == 0.5
+    for bad in ("train.lr=1e-3x", "train.lr=nan", "train.lr=e5", "train.epochs=1e1"):
+        with pytest.raises(ConfigError, match="must be (a number|an integer), got '"):
+            load_config(None, [bad])
