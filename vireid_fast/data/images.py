@@ -39,7 +39,7 @@ class BadImageError(OSError):
         self.files = list(files)
         listed = list_some(f"{path} ({reason})" for path, reason in self.files)
         super().__init__(f"{len(self.files)} unreadable image file(s): {listed}; fix or remove them, or pass "
-                         "skip_bad_images=True to skip them with a warning")
+                         "skip_bad_images=True (training: data.skip_bad_images=true) to skip them with a warning")
 
 
 def _check_size(size) -> tuple[int, int]:
