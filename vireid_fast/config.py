@@ -116,9 +116,11 @@ SECTIONS = {"experiment": ExperimentConfig, "data": DataConfig, "model": ModelCo
             "train": TrainConfig, "eval": EvalConfig}
 
 # Keys that may change between a run and its resumption (they do not change what is computed per epoch).
+# data.skip_bad_images and data.max_image_pixels only decide what happens to unreadable images (stop or drop), not
+# what is computed from readable ones; leaving them out of the hash also keeps older checkpoints resumable.
 RESUMABLE_KEYS = {"experiment.output_dir", "experiment.name", "data.root", "data.num_workers", "data.cache_images",
-                  "train.epochs", "train.eval_every", "eval.eval_untrained", "eval.batch_size", "eval.trials",
-                  "eval.mode", "experiment.threads"}
+                  "data.skip_bad_images", "data.max_image_pixels", "train.epochs", "train.eval_every",
+                  "eval.eval_untrained", "eval.batch_size", "eval.trials", "eval.mode", "experiment.threads"}
 
 
 @dataclass

@@ -60,6 +60,7 @@ def test_missing_file():
 def test_hash_ignores_paths_and_epochs_but_not_hyperparameters():
     base = load_config(None).hash()
     assert load_config(None, ["experiment.output_dir=/x", "train.epochs=99"]).hash() == base
+    assert load_config(None, ["data.skip_bad_images=true", "data.max_image_pixels=1000"]).hash() == base
     assert load_config(None, ["cluster.eps=0.5"]).hash() != base
     assert load_config(None, ["method.momentum=0.3"]).hash() != base
 
