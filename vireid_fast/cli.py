@@ -5,6 +5,7 @@
     vireid-fast train --config configs/dcl_sysu.yaml --resume     # continue from output_dir/checkpoint.pt
     torchrun --nproc_per_node 4 -m vireid_fast.cli train --config configs/dcl_sysu.yaml --data-root ...
     vireid-fast eval --checkpoint runs/dcl_sysu/checkpoint.pt --data-root /data/SYSU-MM01
+    vireid-fast compare --methods dcl,supervised --seeds 0,1 --jobs 2    # the comparison table (results.md)
     vireid-fast make-synthetic --out data/synthetic --size small
     vireid-fast bench
 
@@ -90,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="SALCR cross-modality feature propagation over query+gallery with K neighbours")
     ev.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)")
 
+    cmp = sub.add_parser("compare", parents=[common], help="train several methods on the same data, seeds and "
+                         "budget; write results.md/json/png")
+    cmp.add_argument("--methods", default="dcl,supervised", help="comma-separated registered methods")
+    cmp.add_argument("--seeds", default="0,1", help="comma-separated experiment seeds (mean ± std over them)")
+    cmp.add_argument("--config", help="base config for data, model, schedule (default: the demo config)")
+    cmp.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    cmp.add_argument("--output-dir", default="runs/compare", help="folder for the runs and the results")
+    cmp.add_argument("--jobs", type=int, default=1, help="runs trained at the same time (one process each)")
+    cmp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
+
     syn = sub.add_parser("make-synthetic", parents=[common],
                          help="write the synthetic visible-infrared dataset (SYSU-MM01 layout)")
     syn.add_argument("--out", help="output folder (default: the cache folder the demo uses)")
@@ -163,6 +174,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r} (e.g. {flag} 0,1)") from None
+
+
+def cmd_compare(args) -> int:
+    from .config import ConfigError
+    from .engine.compare import compare
+
+    try:
+        seeds = _int_list("--seeds", args.seeds)
+        if args.jobs < 1:
+            raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
+        result = compare([m.strip() for m in args.methods.split(",") if m.strip()], seeds,
+                         base_config=args.config or DEMO_CONFIG, overrides=list(args.overrides),
+                         output_dir=args.output_dir, data_root=args.data_root, jobs=args.jobs)
+    except (ConfigError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(result["markdown"])
+    print(f"results: {os.path.join(args.output_dir, 'results.md')} (and results.json, results.png)")
+    return 0
+
+
 def cmd_make_synthetic(args) -> int:
     from .engine.data import ensure_synthetic, synthetic_root
 
@@ -197,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("VIREID_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-    command = {"train": cmd_train, "eval": cmd_eval, "make-synthetic": cmd_make_synthetic, "bench": cmd_bench}
+    command = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "make-synthetic": cmd_make_synthetic,
+               "bench": cmd_bench}
     return run_command(command[args.command], args, debug)
 
 

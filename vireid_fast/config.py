@@ -23,19 +23,12 @@ from typing import Any
 
 import yaml
 
+from .methods import get_method
+from .schema import spec
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
-
-
-def spec(default, *, help: str = "", min: float | None = None, max: float | None = None,  # noqa: A002
-         choices: tuple | None = None, min_exclusive: bool = False, length: int | None = None):
-    """A dataclass field with validation metadata."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-            "length": length}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -65,6 +58,8 @@ class DataConfig:
     synthetic_size: str = spec("small", choices=("tiny", "small", "medium", "large"),
                                help="preset of the generated synthetic dataset")
     synthetic_ids: int = spec(0, min=0, help="identities of the synthetic dataset (0 = preset's)")
+    synthetic_seed: int = spec(0, min=0, help="seed of the generated synthetic dataset (independent of "
+                                             "experiment.seed, so seeds of a comparison train on the same data)")
 
 
 @dataclass
@@ -263,8 +258,6 @@ def merge(base: dict, extra: dict) -> dict:
 
 def from_dict(raw: dict | None) -> Config:
     """Validate a nested dict into a :class:`Config` (method params checked by the method's declaration)."""
-    from .methods import get_method
-
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
@@ -308,7 +301,7 @@ def load_config(path: str | None = None, overrides=None) -> Config:
 
 def describe() -> str:
     """Every key with its default and help, for documentation and ``--print-config``."""
-    from .methods import METHODS
+    from .methods import METHODS  # the registry as it is now (plug-ins may register after import)
 
     lines = []
     for name, cls in list(SECTIONS.items()) + [(f"method ({m})", c.Params) for m, c in METHODS.items()]:

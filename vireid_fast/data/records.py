@@ -11,9 +11,8 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-VISIBLE = "visible"
-INFRARED = "infrared"
-MODALITIES = (VISIBLE, INFRARED)
+from ..modality import INFRARED, MODALITIES, VISIBLE, Modality  # noqa: F401  (re-exported: readers import them here)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
 # How many offending items an error message spells out before summarising the rest as a count.
@@ -26,13 +25,16 @@ class ImageRecord:
 
     path: absolute or root-relative file path; pid: identity as written in the dataset (int, -1 = junk/unlabelled);
     camid: camera id as written in the dataset (1-based for SYSU-MM01; RegDB: 1 = visible, 2 = thermal);
-    modality: ``"visible"`` or ``"infrared"``.
+    modality: :class:`~vireid_fast.modality.Modality` (``"visible"``/``"infrared"`` are accepted and converted).
     """
 
     path: str
     pid: int
     camid: int
-    modality: str
+    modality: Modality
+
+    def __post_init__(self):
+        object.__setattr__(self, "modality", Modality.parse(self.modality))
 
 
 class DatasetError(ValueError):

@@ -65,6 +65,9 @@ class SYSUMM01(VIReIDDataset):
     ``query`` / ``gallery`` stay empty: build them with the evaluation protocol (``vireid_fast.eval``).
     """
 
+    protocol = "sysu"
+    gallery_trials = True
+
     def load(self) -> None:
         problems: list[str] = []
         exp = os.path.join(self.root, "exp")

@@ -69,9 +69,9 @@ def resolve_root(config, data_root: str | None, log=print) -> str:
             raise ConfigError(f"data.dataset: {error}") from None
     root = data_root or data.root
     if data.dataset == "synthetic":
-        root = root or synthetic_root(data.synthetic_size, data.synthetic_ids, config.experiment.seed)
+        root = root or synthetic_root(data.synthetic_size, data.synthetic_ids, data.synthetic_seed)
         return ensure_synthetic(os.path.abspath(os.path.expanduser(root)), data.synthetic_size, data.synthetic_ids,
-                                config.experiment.seed, log)
+                                data.synthetic_seed, log)
     if not root:
         raise ConfigError(f"data.root: is empty; pass --data-root DIR (the {data.dataset} folder) or set data.root")
     root = os.path.abspath(os.path.expanduser(root))
@@ -126,8 +126,7 @@ def _records(paths, pids, camids, modality) -> list[ImageRecord]:
 def build_test_set(config, dataset, root: str) -> TestSet:
     """SYSU-MM01 layout (incl. synthetic): infrared query, visible gallery sampled per trial (``eval.trials``, seeds
     0..trials-1, ``eval.mode``); RegDB and prepared layouts: the reader's query and gallery."""
-    name = config.data.dataset
-    if name in ("sysu_mm01", "synthetic"):
+    if dataset.gallery_trials:
         from ..eval import sysu_gallery, sysu_query
 
         q_paths, q_pids, q_cams = sysu_query(root, config.eval.mode)
@@ -143,9 +142,8 @@ def build_test_set(config, dataset, root: str) -> TestSet:
                     gallery.append(record)
                 chosen.append(position[record.path])
             trials.append(np.asarray(chosen, dtype=np.int64))
-        return TestSet("sysu", _records(q_paths, q_pids, q_cams, INFRARED), gallery, trials)
-    protocol = "regdb" if name.startswith("regdb") else "sysu"
+        return TestSet(dataset.protocol, _records(q_paths, q_pids, q_cams, INFRARED), gallery, trials)
     if not dataset.query or not dataset.gallery:
-        raise ValueError(f"dataset {name} at {root} defines no query/gallery split to evaluate on")
-    return TestSet(protocol, list(dataset.query), list(dataset.gallery),
+        raise ValueError(f"dataset {config.data.dataset} at {root} defines no query/gallery split to evaluate on")
+    return TestSet(dataset.protocol, list(dataset.query), list(dataset.gallery),
                    [np.arange(len(dataset.gallery), dtype=np.int64)])
