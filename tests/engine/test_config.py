@@ -98,3 +98,19 @@ def test_exponent_without_a_dot_is_a_number():
     for bad in ("train.lr=1e-3x", "train.lr=nan", "train.lr=e5", "train.epochs=1e1"):
         with pytest.raises(ConfigError, match="must be (a number|an integer), got '"):
             load_config(None, [bad])
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"method": "dcl"}, "method: must be a mapping of keys to values (at least 'name', e.g. 'method: {name: dcl}'), "
+                        "got 'dcl'"),
+    ({"method": ["dcl"]}, "method: must be a mapping of keys to values"),
+    ({"data": "synthetic"}, "data: must be a mapping of keys to values, got 'synthetic'"),
+    ({True: {}}, "unknown key 'True'"),
+])
+def test_from_dict_refuses_non_mapping_sections(raw, message):
+    """The path a checkpoint's config takes (``vireid-fast eval``): no bare ValueError from dict('dcl')."""
+    from vireid_fast.config import from_dict
+
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw)
+    assert str(info.value).startswith(message)
