@@ -154,3 +154,18 @@ def test_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(cli, "cmd_make_synthetic", broken)
     with pytest.raises(ZeroDivisionError):
         main(["make-synthetic", "--size", "tiny"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["make-synthetic", "--size", "huge"], "error: vireid-fast make-synthetic: argument --size: invalid choice: "
+                                           "'huge'"),
+    (["make-synthetic", "--ids", "many"], "error: vireid-fast make-synthetic: argument --ids: invalid int value"),
+    (["eval"], "error: vireid-fast eval: the following arguments are required: --checkpoint"),
+    (["nope"], "error: vireid-fast: argument command: invalid choice: 'nope'"),
+])
+def test_argument_errors_are_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    line = only_error_line(capsys)
+    assert line.startswith(message) and line.endswith("--help)"), line

@@ -61,8 +61,15 @@ def run_command(command, args, debug: bool = False) -> int:
         return 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other user error (subparsers inherit the class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vireid-fast", description="Unsupervised visible-infrared ReID: train, "
+    parser = _Parser(prog="vireid-fast", description="Unsupervised visible-infrared ReID: train, "
                                      "evaluate, generate synthetic data, benchmark.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors (also: VIREID_DEBUG=1)")
     # Also accepted after the command; SUPPRESS keeps a subcommand's default from overwriting the global flag.
