@@ -7,13 +7,16 @@ from .context import make_context
 
 
 def test_cluster_means_excludes_outliers():
-    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])
-    labels = torch.tensor([0, 0, 1, -1])
+    # The outlier points away from every cluster, so adding it to any of them (or to the last row, where a label of
+    # -1 indexes) changes that cluster's direction; cluster 1 has two members of different lengths, so the mean is
+    # of the raw features, normalised once.
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 1.0], [-4.0, -7.0]])
+    labels = torch.tensor([0, 0, 1, 1, -1])
     means = cluster_means(feats, labels)
-    assert means.shape == (2, 2) and means.is_contiguous()
+    assert means.shape == (2, 2) and means.is_contiguous() and means.dtype == torch.float32
     torch.testing.assert_close(means[0], torch.tensor([0.7071068, 0.7071068]))
-    torch.testing.assert_close(means[1], torch.tensor([0.7071068, 0.7071068]))
-    assert cluster_means(feats, torch.full((4,), -1)).shape == (0, 2)
+    torch.testing.assert_close(means[1], torch.tensor([3.0, 1.0]) / 10.0 ** 0.5)
+    assert cluster_means(feats, torch.full((5,), -1)).shape == (0, 2)
 
 
 def test_dcl_step_losses_and_memory_update():

@@ -48,7 +48,8 @@ class VIReIDDataset:
         self.query: list[ImageRecord] = []
         self.gallery: list[ImageRecord] = []
         if not os.path.isdir(self.root):
-            raise DatasetError(self.name, self.root, [f"folder {self.root} does not exist (or is not a folder)"])
+            raise DatasetError(self.name, self.root, [f"folder {self.root} does not exist (or is not a folder); pass "
+                                                      "the dataset folder (--data-root DIR / data.root)"])
         self.load()
         self._check()
 

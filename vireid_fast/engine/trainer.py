@@ -23,7 +23,7 @@ from ..methods import METHODS, Features, MethodContext, TrainBatch, count_cluste
 from ..modality import INFRARED, MODALITIES, VISIBLE, Modality
 from ..models import EMAEncoder, build_model, load_pretrained
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, prepare_output_dir, save_checkpoint
 from .data import build_test_set, open_dataset, resolve_root
 from .metrics import (
     MetricsLog,
@@ -36,6 +36,9 @@ from .metrics import (
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
+# Top-level keys of checkpoint_payload that load() reads (a checkpoint lacking one is refused, naming it).
+CHECKPOINT_KEYS = ("epoch", "config_hash", "method", "model", "optimizer", "scheduler", "method_state", "labels",
+                   "rng", "history")
 #: Per-epoch wall-time phases reported in every metrics row (``time/<phase>``), in order.
 PHASES = ("extract", "cluster", "associate", "memory", "train", "eval")
 
@@ -118,7 +121,10 @@ class Trainer:
         exp = self.config.experiment
         want_cuda = exp.device == "cuda" or (exp.device == "auto" and torch.cuda.is_available())
         if exp.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("experiment.device=cuda but no CUDA device is available")
+            from ..config import ConfigError
+
+            raise ConfigError("experiment.device: cuda, but no CUDA device is available; use experiment.device=cpu "
+                              "(or auto)")
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if want_cuda else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -134,8 +140,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.output_dir = exp.output_dir
-        os.makedirs(self.output_dir, exist_ok=True)
+        self.output_dir = prepare_output_dir(exp.output_dir)
 
     def _setup_data(self, data_root: str | None) -> None:
         config = self.config
@@ -144,16 +149,22 @@ class Trainer:
             torch.distributed.barrier()
             self.root = resolve_root(config, data_root, self.log)
         self.dataset = open_dataset(config, self.root)
-        size = tuple(config.data.image_size)
+        size, d = tuple(config.data.image_size), config.data
+        images = {"size": size, "cache": d.cache_images, "max_pixels": d.max_image_pixels}
         self.train_sets = {
-            VISIBLE: ImageDataset(self.dataset.train_visible, size=size, cache=config.data.cache_images),
-            INFRARED: ImageDataset(self.dataset.train_infrared, size=size, cache=config.data.cache_images),
+            VISIBLE: ImageDataset(self.dataset.train_visible, skip_bad_images=d.skip_bad_images, **images),
+            INFRARED: ImageDataset(self.dataset.train_infrared, skip_bad_images=d.skip_bad_images, **images),
         }
         self.test_set = build_test_set(config, self.dataset, self.root)
-        self.test_images = {
-            "query": ImageDataset(self.test_set.query, size=size, cache=config.data.cache_images),
-            "gallery": ImageDataset(self.test_set.gallery, size=size, cache=config.data.cache_images),
-        }
+        if d.skip_bad_images:
+            self.test_set = self.test_set.without_bad_images(d.max_image_pixels, d.dataset, self.root)
+        self.test_images = {"query": ImageDataset(self.test_set.query, **images),
+                            "gallery": ImageDataset(self.test_set.gallery, **images)}
+        self.skipped_images = [f for s in self.train_sets.values() for f in s.skipped] + self.test_set.skipped
+        if self.skipped_images:
+            self.log(f"skipped {len(self.skipped_images)} unreadable image(s) (data.skip_bad_images): "
+                     + ", ".join(f"{p} ({r})" for p, r in self.skipped_images[:5])
+                     + (f", ... (+{len(self.skipped_images) - 5} more)" if len(self.skipped_images) > 5 else ""))
         self.log(f"dataset {config.data.dataset} at {self.root}: {len(self.train_sets[VISIBLE])} visible + "
                  f"{len(self.train_sets[INFRARED])} infrared training images; test: {len(self.test_set.query)} "
                  f"query, {len(self.test_set.gallery)} gallery ({self.test_set.protocol} protocol)")
@@ -361,7 +372,7 @@ class Trainer:
         return path
 
     def load(self, path: str) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, required=CHECKPOINT_KEYS)
         if state.get("method") != self.config.method.name:
             raise CheckpointError(f"checkpoint {path} was trained with method {state.get('method')!r}, but this "
                                   f"config uses {self.config.method.name!r}; refusing to resume")
@@ -373,19 +384,26 @@ class Trainer:
                                   f"{self.config_hash}); differing keys: "
                                   + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
                                   + "; refusing to resume")
+        check_state_dict(self.encoder.state_dict(), state["model"], "model", path)
         self.encoder.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
+            check_state_dict(self.ema.module.state_dict(), state["ema"], "ema", path)
             self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict({k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                                     for k, v in state["method_state"].items()})
-        self.labels = {Modality.parse(k): v for k, v in state["labels"].items()}
-        self.metrics.rows = list(state["history"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.method.load_state_dict({k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                         for k, v in state["method_state"].items()})
+            self.labels = {Modality.parse(k): v for k, v in state["labels"].items()}
+            self.metrics.rows = list(state["history"])
+            _set_rng_state(state["rng"])
+            self.start_epoch = int(state["epoch"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:
+            raise CheckpointError(f"checkpoint {path}: its training state does not fit this trainer "
+                                  f"({type(error).__name__}: {error}); start a new run or use a checkpoint of this "
+                                  "version") from error
         if self.is_main:
             self.metrics.rewrite()
-        _set_rng_state(state["rng"])
-        self.start_epoch = int(state["epoch"])
         self.log(f"resumed from {path} after epoch {self.start_epoch}")
 
     # ------------------------------------------------------------------------------------------- training
