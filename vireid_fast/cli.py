@@ -185,23 +185,22 @@ def _int_list(flag: str, text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r} (e.g. {flag} 0,1)") from None
+        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r} (e.g. {flag} 0,1)") from None
 
 
 def cmd_compare(args) -> int:
-    from .config import ConfigError
-    from .engine.compare import compare
+    from .engine.compare import RunFailedError, compare
 
+    seeds = _int_list("--seeds", args.seeds)
+    if args.jobs < 1:
+        raise UsageError(f"compare --jobs: must be >= 1, got {args.jobs}")
     try:
-        seeds = _int_list("--seeds", args.seeds)
-        if args.jobs < 1:
-            raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
         result = compare([m.strip() for m in args.methods.split(",") if m.strip()], seeds,
                          base_config=args.config or DEMO_CONFIG, overrides=list(args.overrides),
                          output_dir=args.output_dir, data_root=args.data_root, jobs=args.jobs)
-    except (ConfigError, ValueError, RuntimeError) as error:
+    except RunFailedError as error:  # not a usage error: a run itself failed; its log says why
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return 1
     print()
     print(result["markdown"])
     print(f"results: {os.path.join(args.output_dir, 'results.md')} (and results.json, results.png)")

@@ -71,9 +71,6 @@ def test_ranks_agree_on_the_parameters(runs):
     assert len(moved) > len(parameters) // 2, moved
 
 
-@pytest.mark.xfail(strict=True, reason="BatchNorm running statistics are updated by each rank's own batches after "
-                   "DDP's start-of-forward broadcast, so the ranks extract their feature shards with different "
-                   "statistics from epoch 2 on (trainer: broadcast the encoder's buffers from rank 0 after training)")
 def test_ranks_agree_on_the_batchnorm_statistics(runs):
     rank0, rank1 = runs["ranks"]
     buffers = [name for name, _ in runs["single"].encoder.named_buffers() if "running" in name]

@@ -29,6 +29,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 RETRIEVAL = ("rank1", "mAP", "mINP")
 
 
+class RunFailedError(RuntimeError):
+    """A training run of the comparison exited with an error (the message names its log)."""
+
+
 @dataclass
 class RunSpec:
     method: str
@@ -225,7 +229,7 @@ def plot(per_run: dict[str, dict[int, dict]], table: dict[str, dict], path: str)
 def compare(methods: list[str], seeds: list[int], *, base_config: str, overrides: list[str], output_dir: str,
             data_root: str | None = None, jobs: int = 1, log=print) -> dict:
     """Train every (method, seed), then write results.json / results.md / results.png in ``output_dir``; returns the
-    aggregated table. Raises ConfigError before training on a bad method, seed list or override, and RuntimeError
+    aggregated table. Raises ConfigError before training on a bad method, seed list or override, and RunFailedError
     naming the run's log when a run fails."""
     runs = plan_runs(base_config, methods, seeds, overrides, output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -241,7 +245,7 @@ def compare(methods: list[str], seeds: list[int], *, base_config: str, overrides
             if code != 0:
                 failed.append(run)
     if failed:
-        raise RuntimeError("runs failed: " + ", ".join(f"{r.method} seed {r.seed} (see {r.output_dir}/train.log)"
+        raise RunFailedError("runs failed: " + ", ".join(f"{r.method} seed {r.seed} (see {r.output_dir}/train.log)"
                                                         for r in failed))
     per_run: dict[str, dict[int, dict]] = {}
     for run in runs:
@@ -265,4 +269,4 @@ def compare(methods: list[str], seeds: list[int], *, base_config: str, overrides
     return {"table": table, "markdown": markdown, "per_run": per_run}
 
 
-__all__ = ["aggregate", "compare", "method_section", "plan_runs", "render_markdown", "summarise_run"]
+__all__ = ["RunFailedError", "aggregate", "compare", "method_section", "plan_runs", "render_markdown", "summarise_run"]

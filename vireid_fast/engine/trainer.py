@@ -488,6 +488,9 @@ class Trainer:
                                        il.to(self.device), ix)
                     for k, v in self.run_step(epoch, iteration, batch).items():
                         sums[k] = sums.get(k, 0.0) + v
+            for module in (self.encoder, self.ema):
+                if module is not None:
+                    distributed.broadcast_buffers(module)
             row.update(self.method.end_epoch(epoch))
             self.scheduler.step()
         for k, v in sums.items():
