@@ -88,6 +88,23 @@ Isa cpu_isa();
 // follows torch's matmul precision settings.
 void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
 
+// Float32-output GEMM of bf16 inputs: out (rows x width, row stride ldo) = a (rows x dp) @ b (width x dp)^T, a and b
+// row-major bf16 bit patterns with an even row length dp (pad odd d with a zero column). Every product of two bf16
+// values is exact in float32 and the sums are float32 (at most d + 1 roundings per output, in a fixed order per
+// implementation; denormal inputs and results may be flushed to zero): the output carries no bf16 rounding.
+enum class Bf16Gemm { kNone = 0, kAvx512Bf16 = 1, kMklCblas = 2 };
+
+// Which float32-output bf16 GEMM this process uses, chosen once: MKL's cblas_gemm_bf16bf16f32 (exported by
+// libtorch_cpu) on CPUs with AMX-BF16, where MKL runs it on the matrix units; the AVX512-BF16 kernel below on CPUs
+// with AVX512-BF16 only (on AMD CPUs MKL converts to float32 and runs at sgemm speed); kNone when the CPU has neither
+// or VIREID_CPU_ISA caps the ISA below avx512. VIREID_BF16_GEMM=none|avx512bf16|mkl overrides the choice among the
+// available ones (for measurements).
+Bf16Gemm bf16_gemm_kind();
+
+// Runs the chosen float32-output bf16 GEMM (bf16_gemm_kind() must not be kNone). Parallel over column panels.
+void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, const uint16_t* b, int64_t width,
+                      int64_t dp);
+
 // Asks the kernel to back [p, p + bytes) with transparent huge pages where it allows them on request ("madvise"
 // mode): first-touch page faults on buffers of hundreds of MB cost more than filling them. No-op below 8 MB.
 void advise_huge_pages(void* p, size_t bytes);
