@@ -723,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_exact_both(const 
 }
 
 bool knn_bf16_worthwhile(int64_t n, int64_t m, int64_t d) {
-  // A native float32-output bf16 GEMM (AVX512-BF16 or AMX-BF16, not capped by VIREID_CPU_ISA) is several times
+  // A native float32-output bf16 GEMM (AVX512-BF16 or AMX-BF16, unless VIREID_CPU_ISA caps it) is several times
   // faster than fp32; below ~1 GMAC the extra rounding pass and the wider candidate pools are not worth it.
   if (static_cast<double>(n) * static_cast<double>(m) * static_cast<double>(d) < std::ldexp(1.0, 30)) return false;
   return bf16_gemm_kind() != Bf16Gemm::kNone;
