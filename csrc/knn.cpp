@@ -54,7 +54,9 @@ const uint16_t* bf16_rows(const at::Tensor& t) {
 // the rounded row and of the rounding residual x - bf16(x) (exact in float32).
 template <typename T>
 VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int64_t d, double* low2, double* err2) {
-  float a_low[16] = {0}, a_err[16] = {0};
+  // float64 sums of squares: a float32 square of a component below ~2^-63 (or a residual of a row below ~2^-55)
+  // would underflow and shrink the bound below the true rounding error.
+  double a_low[16] = {0}, a_err[16] = {0};
   int64_t t = 0;
   for (; t + 16 <= d; t += 16) {
     for (int u = 0; u < 16; ++u) {
@@ -63,8 +65,8 @@ VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int
       bits += 0x7FFFu + ((bits >> 16) & 1u);
       const uint16_t b = static_cast<uint16_t>(bits >> 16);
       out[t + u] = b;
-      const float low = bf16_to_float(b);
-      const float err = x[t + u] - low;
+      const double low = bf16_to_float(b);
+      const double err = static_cast<double>(x[t + u]) - low;
       a_low[u] += low * low;
       a_err[u] += err * err;
     }
@@ -74,8 +76,8 @@ VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int
     std::memcpy(&bits, &x[t], sizeof(bits));
     bits += 0x7FFFu + ((bits >> 16) & 1u);
     out[t] = static_cast<uint16_t>(bits >> 16);
-    const float low = bf16_to_float(out[t]);
-    const float err = x[t] - low;
+    const double low = bf16_to_float(out[t]);
+    const double err = static_cast<double>(x[t]) - low;
     a_low[u] += low * low;
     a_err[u] += err * err;
   }
@@ -103,7 +105,7 @@ at::Tensor to_bf16_with_norms(const at::Tensor& x, std::vector<double>& nlow, st
       double l2, e2;
       round_row_bf16<float>(xp + r * d, op + r * dp, d, &l2, &e2);
       if (dp != d) op[r * dp + d] = 0;
-      // float accumulation of d squares: relative error < d * 2^-24, covered by the bound's safety factor.
+      // float64 accumulation of d squares: relative error < d * 2^-53, covered by the bound's safety factor.
       nlow[r] = std::sqrt(l2);
       nerr[r] = std::sqrt(e2);
     }

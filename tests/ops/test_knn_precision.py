@@ -133,6 +133,28 @@ def test_bf16_candidates_equal_fp32_on_160_random_searches(backend):
         np.testing.assert_array_equal(i32.numpy(), brute_force(x, db, k, metric), err_msg=f"seed {seed}")
 
 
+@needs_cpp
+def test_rows_of_tiny_norm_among_normal_ones(backend):
+    # Rows scaled down to 2^-60..2^-100 (no global rescale: the largest rows are of norm ~1). The bf16 bound needs the norms
+    # of their rounding residuals, whose float32 squares would underflow to zero: the search would then miss
+    # neighbours (the mutant that accumulates them in float32 fails here).
+    backend("cpp")
+    gen = torch.Generator().manual_seed(8)
+    centres = torch.nn.functional.normalize(torch.randn(8, 24, generator=gen), dim=1)
+    x = centres[torch.randint(0, 8, (300,), generator=gen)] + 0.05 * torch.randn(300, 24, generator=gen)
+    x = x * torch.pow(2.0, -torch.randint(60, 101, (300, 1), generator=gen).float())
+    x[0] = centres[0]  # one row of norm ~1: no global rescale
+    # near-ties 1e-3 apart: above float32 resolution, below bf16's
+    y = centres[torch.randint(0, 8, (400,), generator=gen)] + 1e-3 * torch.randn(400, 24, generator=gen)
+    for metric in ("ip", "l2"):
+        for db in (None, y):
+            v32, i32 = knn(x, 6, db, metric=metric, precision="fp32")
+            v16, i16 = knn(x, 6, db, metric=metric, precision="bf16")
+            assert torch.equal(i32, i16) and torch.equal(v32, v16)
+            if metric == "ip":
+                np.testing.assert_array_equal(i32.numpy(), brute_force(x, x if db is None else db, 6, metric))
+
+
 def _run(code: str, env: dict | None = None) -> dict:
     """Runs code in a fresh interpreter (a crash fails the test, not the session); it prints one JSON line."""
     full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
