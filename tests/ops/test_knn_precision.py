@@ -215,6 +215,30 @@ def test_scaled_features_give_the_scaled_search(exponent):
 
 
 @needs_cpp
+def test_rows_whose_scores_pass_float32_range():
+    # Rows of norms 2^55..2^68: some scores beyond float32's range, some within (the search without the rescale
+    # returned wrong neighbours in 154 of these 160 searches).
+    out = _run("""
+        import json, torch, vireid_fast
+        from vireid_fast.ops import knn
+        gen = torch.Generator().manual_seed(3)
+        wrong = 0
+        for trial in range(40):
+            y = torch.randn(60, 4, generator=gen) * torch.pow(2.0, torch.randint(55, 68, (60, 1), generator=gen))
+            x = torch.randn(30, 4, generator=gen) * torch.pow(2.0, torch.randint(55, 68, (30, 1), generator=gen))
+            xd, yd = x.double(), y.double()
+            for metric in ("ip", "l2"):
+                key = -(xd @ yd.T) if metric == "ip" else (
+                    (xd * xd).sum(1)[:, None] + (yd * yd).sum(1)[None] - 2 * xd @ yd.T)
+                ref = torch.sort(key, dim=1, stable=True).indices[:, :5]
+                for precision in ("fp32", "bf16"):
+                    wrong += not torch.equal(knn(x, 5, y, metric=metric, precision=precision)[1], ref)
+        print(json.dumps(wrong))
+    """)
+    assert out == 0
+
+
+@needs_cpp
 def test_cmfp_and_jaccard_on_overflowing_features():
     out = _run("""
         import json, torch, vireid_fast
