@@ -94,24 +94,30 @@ extern "C" __attribute__((weak)) void cblas_gemm_bf16bf16f32(int layout, int tra
                                                             float alpha, const uint16_t* a, int lda, const uint16_t* b,
                                                             int ldb, float beta, float* c, int ldc);
 
-static Bf16Gemm detect_bf16_gemm() {
-  if (cpu_isa() != Isa::kAvx512) return Bf16Gemm::kNone;  // also covers VIREID_CPU_ISA=avx2|baseline
-  Bf16Gemm best = Bf16Gemm::kNone;
-  bool have_kernel = false;
-  const bool have_mkl = cblas_gemm_bf16bf16f32 != nullptr;
+bool bf16_gemm_supported(Bf16Gemm kind) {
+  if (cpu_isa() != Isa::kAvx512) return false;  // also covers VIREID_CPU_ISA=avx2|baseline
 #if defined(VIREID_HAVE_BF16_KERNEL)
-  have_kernel = __builtin_cpu_supports("avx512bf16");
-  if (have_mkl && __builtin_cpu_supports("amx-bf16")) {
-    best = Bf16Gemm::kMklCblas;
-  } else if (have_kernel) {
-    best = Bf16Gemm::kAvx512Bf16;
-  }
+  if (kind == Bf16Gemm::kAvx512Bf16) return __builtin_cpu_supports("avx512bf16");
+#endif
+  if (kind == Bf16Gemm::kMklCblas) return cblas_gemm_bf16bf16f32 != nullptr;
+  return false;
+}
+
+static Bf16Gemm detect_bf16_gemm() {
+  // Measured (6,000 x 6,000 x 2,048 and 1,024^2 x 2,048 tiles): on Sapphire Rapids MKL's bf16 GEMM runs on AMX at
+  // ~5x sgemm (issue 17). On an AMD EPYC (Zen 4, AVX512-BF16, no AMX) MKL converts to float32 (sgemm speed) and our
+  // AVX512-BF16 kernel reaches ~0.6-0.8x ATen's oneDNN bf16 GEMM, whose output is bf16; the kNN at N = 12,000 took
+  // 6.2 s with it against 5.0 s with oneDNN's (the tighter bound saved 13 fp32 redo rows, less than the slower
+  // GEMM cost). So the float32-output GEMM is the default only with AMX; elsewhere the bf16-output path stays.
+  Bf16Gemm best = Bf16Gemm::kNone;
+#if defined(VIREID_HAVE_BF16_KERNEL)
+  if (bf16_gemm_supported(Bf16Gemm::kMklCblas) && __builtin_cpu_supports("amx-bf16")) best = Bf16Gemm::kMklCblas;
 #endif
   if (const char* want = std::getenv("VIREID_BF16_GEMM")) {
     const std::string s(want);
     if (s == "none") best = Bf16Gemm::kNone;
-    if (s == "avx512bf16" && have_kernel) best = Bf16Gemm::kAvx512Bf16;
-    if (s == "mkl" && have_mkl) best = Bf16Gemm::kMklCblas;
+    if (s == "avx512bf16" && bf16_gemm_supported(Bf16Gemm::kAvx512Bf16)) best = Bf16Gemm::kAvx512Bf16;
+    if (s == "mkl" && bf16_gemm_supported(Bf16Gemm::kMklCblas)) best = Bf16Gemm::kMklCblas;
   }
   return best;
 }
@@ -222,10 +228,9 @@ void gemm_bf16_avx512(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
 #endif
 
 void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, const uint16_t* b, int64_t width,
-                      int64_t dp) {
+                      int64_t dp, Bf16Gemm kind) {
   if (rows == 0 || width == 0) return;
-  const Bf16Gemm kind = bf16_gemm_kind();
-  TORCH_CHECK(kind != Bf16Gemm::kNone && dp % 2 == 0, "vireid: no float32-output bf16 GEMM on this CPU");
+  TORCH_CHECK(bf16_gemm_supported(kind) && dp % 2 == 0, "vireid: this float32-output bf16 GEMM is not available");
   if (kind == Bf16Gemm::kMklCblas) {
     constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
     cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, static_cast<int>(rows), static_cast<int>(width),
@@ -257,14 +262,15 @@ void advise_huge_pages(void* p, size_t bytes) {
 extern "C" __attribute__((visibility("default"), used)) const char vireid_build_marker[] =
     "VIREID_TORCH_VERSION=" VIREID_TORCH_VERSION ";";
 
-// The float32-output bf16 GEMM for benchmarks (benchmarks/ call it through ctypes to measure its floor in the same
-// run as the ops): returns the kind used (0 when there is none, and then does nothing).
-extern "C" __attribute__((visibility("default"), used)) int vireid_gemm_bf16_f32(float* out, int64_t ldo,
+// The float32-output bf16 GEMMs for tests and benchmarks (called through ctypes): kind 1 = the AVX512-BF16 kernel,
+// 2 = MKL's; returns the kind run, 0 (and does nothing) when it is not available here; -1 queries the kNN's choice.
+extern "C" __attribute__((visibility("default"), used)) int vireid_gemm_bf16_f32(int kind, float* out, int64_t ldo,
                                                                                const uint16_t* a, int64_t rows,
                                                                                const uint16_t* b, int64_t width,
                                                                                int64_t dp) {
-  const vireid::Bf16Gemm kind = vireid::bf16_gemm_kind();
-  if (kind == vireid::Bf16Gemm::kNone || dp % 2 != 0) return 0;
-  vireid::gemm_bf16_f32_nt(out, ldo, a, rows, b, width, dp);
-  return static_cast<int>(kind);
+  if (kind == -1) return static_cast<int>(vireid::bf16_gemm_kind());
+  const auto k = static_cast<vireid::Bf16Gemm>(kind);
+  if ((kind != 1 && kind != 2) || !vireid::bf16_gemm_supported(k) || dp % 2 != 0) return 0;
+  vireid::gemm_bf16_f32_nt(out, ldo, a, rows, b, width, dp, k);
+  return kind;
 }

@@ -94,16 +94,19 @@ void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
 // implementation; denormal inputs and results may be flushed to zero): the output carries no bf16 rounding.
 enum class Bf16Gemm { kNone = 0, kAvx512Bf16 = 1, kMklCblas = 2 };
 
-// Which float32-output bf16 GEMM this process uses, chosen once: MKL's cblas_gemm_bf16bf16f32 (exported by
-// libtorch_cpu) on CPUs with AMX-BF16, where MKL runs it on the matrix units; the AVX512-BF16 kernel below on CPUs
-// with AVX512-BF16 only (on AMD CPUs MKL converts to float32 and runs at sgemm speed); kNone when the CPU has neither
-// or VIREID_CPU_ISA caps the ISA below avx512. VIREID_BF16_GEMM=none|avx512bf16|mkl overrides the choice among the
-// available ones (for measurements).
+// Whether this GEMM can run here (AVX512-BF16 for ours, the MKL symbol for MKL's; never below VIREID_CPU_ISA=avx512).
+bool bf16_gemm_supported(Bf16Gemm kind);
+
+// The float32-output bf16 GEMM the kNN's bf16 candidate search uses, chosen once per process: MKL's
+// cblas_gemm_bf16bf16f32 (exported by libtorch_cpu) on CPUs with AMX-BF16, where MKL runs it on the matrix units;
+// kNone elsewhere, where the search keeps ATen's bf16 GEMM (bf16 output, a wider bound): on AVX512-BF16 CPUs without
+// AMX our kernel below was measured slower than it (common.cpp). VIREID_BF16_GEMM=none|avx512bf16|mkl overrides the
+// choice among the supported ones.
 Bf16Gemm bf16_gemm_kind();
 
-// Runs the chosen float32-output bf16 GEMM (bf16_gemm_kind() must not be kNone). Parallel over column panels.
+// Runs a supported float32-output bf16 GEMM. Parallel over column panels (ours) or MKL's threads.
 void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, const uint16_t* b, int64_t width,
-                      int64_t dp);
+                      int64_t dp, Bf16Gemm kind);
 
 // Asks the kernel to back [p, p + bytes) with transparent huge pages where it allows them on request ("madvise"
 // mode): first-touch page faults on buffers of hundreds of MB cost more than filling them. No-op below 8 MB.

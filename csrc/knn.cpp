@@ -531,7 +531,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       if (f32_out) {
         tile = at::empty({i1 - i0, j1 - j0}, xs.options());
         gemm_bf16_f32_nt(tile.data_ptr<float>(), j1 - j0, bf16_rows(xa) + i0 * xa.size(1), i1 - i0,
-                         bf16_rows(ya) + j0 * ya.size(1), j1 - j0, xa.size(1));
+                         bf16_rows(ya) + j0 * ya.size(1), j1 - j0, xa.size(1), bf16_gemm_kind());
       } else {
         tile = at::empty({i1 - i0, j1 - j0}, xa.options());
         gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
@@ -725,10 +725,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_exact_both(const 
 }
 
 bool knn_bf16_worthwhile(int64_t n, int64_t m, int64_t d) {
-  // A native float32-output bf16 GEMM (AVX512-BF16 or AMX-BF16, unless VIREID_CPU_ISA caps it) is several times
-  // faster than fp32; below ~1 GMAC the extra rounding pass and the wider candidate pools are not worth it.
+  // Native bf16 dot products (AVX512-BF16 or AMX-BF16, unless VIREID_CPU_ISA caps the ISA below avx512) make the bf16
+  // GEMM several times faster than fp32; below ~1 GMAC the extra rounding pass and the wider candidate pools are not
+  // worth it. vireid_fast/ops/knn.py makes the same choice for precision="auto".
   if (static_cast<double>(n) * static_cast<double>(m) * static_cast<double>(d) < std::ldexp(1.0, 30)) return false;
-  return bf16_gemm_kind() != Bf16Gemm::kNone;
+  static const bool native = cpu_isa() == Isa::kAvx512 && (__builtin_cpu_supports("avx512bf16") ||
+                                                           __builtin_cpu_supports("amx-bf16"));
+  return native;
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_exact(const at::Tensor& x_in, const at::Tensor& y_in, int64_t k, bool l2,

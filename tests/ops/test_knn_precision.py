@@ -39,52 +39,50 @@ def brute_force(x: torch.Tensor, y: torch.Tensor, k: int, metric: str) -> np.nda
 def _gemm_kernel():
     fn = ctypes.CDLL(_extension._state["path"]).vireid_gemm_bf16_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64]
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int64]
     return fn
 
 
-def _bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(kind, a @ b.T) from the kernel; a, b bf16 with an even number of columns."""
+GEMMS = {"avx512bf16": 1, "mkl": 2}
+
+
+def _bf16_gemm(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T by one of the kernels (skips when it is not available here); a, b bf16 with an even width."""
     out = torch.full((a.shape[0], b.shape[0]), float("nan"))
-    kind = _gemm_kernel()(out.data_ptr(), out.shape[1], a.data_ptr(), a.shape[0], b.data_ptr(), b.shape[0],
-                          a.shape[1])
-    return kind, out
-
-
-def _native_bf16() -> bool:
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-@needs_cpp
-def test_bf16_gemm_is_available_on_bf16_cpus():
-    kind, _ = _bf16_gemm(torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(1, 2, dtype=torch.bfloat16))
-    assert (kind != 0) == _native_bf16()
+    ran = _gemm_kernel()(GEMMS[kind], out.data_ptr(), out.shape[1], a.data_ptr(), a.shape[0], b.data_ptr(),
+                         b.shape[0], a.shape[1])
+    if ran == 0:
+        pytest.skip(f"no {kind} float32-output bf16 GEMM on this CPU")
+    return out
 
 
 @needs_cpp
+def test_our_bf16_gemm_is_available_on_avx512_bf16_cpus():
+    ran = _gemm_kernel()(1, None, 1, None, 0, None, 0, 2)  # zero rows: only says whether it would run
+    assert (ran == 1) == bool(torch.cpu._is_avx512_bf16_supported())
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", list(GEMMS))
 @pytest.mark.parametrize("rows, width, d", [(1, 1, 2), (13, 31, 6), (14, 32, 2), (15, 33, 258), (29, 47, 300),
                                             (40, 70, 512)])
-def test_bf16_gemm_is_exact_on_small_integers(rows, width, d):
+def test_bf16_gemm_is_exact_on_small_integers(kind, rows, width, d):
     # Integers |v| <= 8: every product and partial sum is an integer below 2^24, so any float32 summation is exact.
     gen = torch.Generator().manual_seed(rows * width + d)
     a = torch.randint(-8, 9, (rows, d), generator=gen).bfloat16()
     b = torch.randint(-8, 9, (width, d), generator=gen).bfloat16()
-    kind, out = _bf16_gemm(a, b)
-    if kind == 0:
-        pytest.skip("no float32-output bf16 GEMM on this CPU")
-    assert torch.equal(out, (a.double() @ b.double().T).float())
+    assert torch.equal(_bf16_gemm(kind, a, b), (a.double() @ b.double().T).float())
 
 
 @needs_cpp
+@pytest.mark.parametrize("kind", list(GEMMS))
 @pytest.mark.parametrize("rows, width, d", [(100, 200, 2048), (33, 65, 130)])
-def test_bf16_gemm_error_is_within_the_float32_accumulation_bound(rows, width, d):
+def test_bf16_gemm_error_is_within_the_float32_accumulation_bound(kind, rows, width, d):
     gen = torch.Generator().manual_seed(d)
     a = torch.randn(rows, d, generator=gen).bfloat16()
     b = torch.randn(width, d, generator=gen).bfloat16()
-    kind, out = _bf16_gemm(a, b)
-    if kind == 0:
-        pytest.skip("no float32-output bf16 GEMM on this CPU")
+    out = _bf16_gemm(kind, a, b)
     exact = a.double() @ b.double().T
     gamma = (d + 2) * 2.0**-24 / (1 - (d + 2) * 2.0**-24)
     bound = gamma * (a.double().abs() @ b.double().abs().T)
@@ -117,27 +115,48 @@ def _stress_case(seed: int):
     return x, (None if self_search else y), db, k
 
 
-@needs_cpp
-def test_bf16_candidates_equal_fp32_on_160_random_searches(backend):
-    backend("cpp")
-    for seed in range(160):
+def _stress(seeds=range(160)) -> list[int]:
+    """Seeds where the bf16 candidate search differs from the fp32 one (or both from the brute force)."""
+    os.environ["VIREID_BACKEND"] = "cpp"
+    bad = []
+    for seed in seeds:
         x, y, db, k = _stress_case(seed)
         metric = "ip" if seed % 2 == 0 else "l2"
         v32, i32 = knn(x, k, y, metric=metric, precision="fp32")
         v16, i16 = knn(x, k, y, metric=metric, precision="bf16")
-        assert torch.equal(i32, i16) and torch.equal(v32, v16), f"seed {seed}"
-        if seed % 4 == 1 and metric == "l2":
-            # l2 keys of 1e-12 between near-duplicates are ordered by the float64 rounding of the definition's
-            # summation order, which numpy's BLAS does not follow: only fp32 == bf16 is asserted here.
-            continue
-        np.testing.assert_array_equal(i32.numpy(), brute_force(x, db, k, metric), err_msg=f"seed {seed}")
+        same = torch.equal(i32, i16) and torch.equal(v32, v16)
+        # l2 keys of 1e-12 between near-duplicates are ordered by the float64 rounding of the definition's summation
+        # order, which numpy's BLAS does not follow: there only fp32 == bf16 is asserted.
+        if not same or (not (seed % 4 == 1 and metric == "l2")
+                        and not np.array_equal(i32.numpy(), brute_force(x, db, k, metric))):
+            bad.append(seed)
+    return bad
+
+
+@needs_cpp
+@pytest.mark.parametrize("gemm", ["default", "avx512bf16", "mkl"])
+def test_bf16_candidates_equal_fp32_on_160_random_searches(gemm, monkeypatch):
+    # default: the GEMM this CPU uses (ATen's bf16 GEMM without AMX); the others force a float32-output bf16 GEMM
+    # (their bound has no output rounding) in a fresh process, where VIREID_BF16_GEMM is read.
+    if gemm == "default":
+        monkeypatch.setenv("VIREID_BACKEND", "cpp")
+        assert _stress() == []
+        return
+    out = _run("""
+        import json
+        from tests.ops.test_knn_precision import _gemm_kernel, _stress
+        print(json.dumps([_gemm_kernel()(-1, None, 0, None, 0, None, 0, 2), _stress()]))
+    """, {"VIREID_BF16_GEMM": gemm})
+    if out[0] != GEMMS[gemm]:
+        pytest.skip(f"no {gemm} float32-output bf16 GEMM on this CPU")
+    assert out[1] == []
 
 
 @needs_cpp
 def test_rows_of_tiny_norm_among_normal_ones(backend):
-    # Rows scaled down to 2^-60..2^-100 (no global rescale: the largest rows are of norm ~1). The bf16 bound needs the norms
-    # of their rounding residuals, whose float32 squares would underflow to zero: the search would then miss
-    # neighbours (the mutant that accumulates them in float32 fails here).
+    # Rows scaled down to 2^-60..2^-100 (no global rescale: the largest rows are of norm ~1). The bf16 bound needs
+    # the norms of their rounding residuals, whose float32 squares would underflow to zero: the search would then
+    # miss neighbours (the mutant that accumulates them in float32 fails here).
     backend("cpp")
     gen = torch.Generator().manual_seed(8)
     centres = torch.nn.functional.normalize(torch.randn(8, 24, generator=gen), dim=1)
@@ -295,7 +314,8 @@ def test_raw_ops_reject_nan_and_inf_with_a_value_error():
 
 @needs_cpp
 @pytest.mark.parametrize("env", [{"VIREID_CPU_ISA": "avx2"}, {"VIREID_CPU_ISA": "baseline"},
-                                 {"VIREID_BF16_GEMM": "none"}])
+                                 {"VIREID_BF16_GEMM": "none"}, {"VIREID_BF16_GEMM": "avx512bf16"},
+                                 {"VIREID_BF16_GEMM": "mkl"}])
 def test_fallback_paths_give_the_same_bits_without_warnings(env):
     code = """
         import json, torch, vireid_fast
