@@ -182,11 +182,14 @@ void gemm_bf16_avx512(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
   // The rows interleaved by blocks of kRowBlock (the last block narrower): the micro-kernel's broadcasts then read
   // one contiguous stream instead of kRowBlock rows 2 * dp bytes apart (4 KB at d = 2048: one L1 set).
   const int64_t row_blocks = (rows + kRowBlock - 1) / kRowBlock;
-  std::vector<uint32_t> a_pack(static_cast<size_t>(rows * pairs));
+  // Scratch kept per thread between calls (grow-only): fresh multi-MB buffers would cost page faults on every tile.
+  static thread_local std::vector<uint32_t> a_store;
+  if (a_store.size() < static_cast<size_t>(rows * pairs)) a_store.resize(static_cast<size_t>(rows * pairs));
+  uint32_t* const a_pack = a_store.data();  // the calling thread's buffer, shared with the workers below
   at::parallel_for(0, row_blocks, 4, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t i0 = q * kRowBlock, mr = std::min<int64_t>(kRowBlock, rows - i0);
-      uint32_t* dst = a_pack.data() + i0 * pairs;
+      uint32_t* dst = a_pack + i0 * pairs;
       for (int64_t r = 0; r < mr; ++r) {
         const uint32_t* src = a32 + (i0 + r) * pairs;
         for (int64_t t = 0; t < pairs; ++t) dst[t * mr + r] = src[t];
@@ -195,7 +198,10 @@ void gemm_bf16_avx512(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
   });
   // Panel-outer: a packed panel (32 x dp bf16, 128 KB at d = 2048) stays in L2 while every row block streams by.
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    uint32_t* panel = static_cast<uint32_t*>(std::aligned_alloc(64, ((pairs * kPanel * 4 + 63) / 64) * 64));
+    static thread_local std::vector<uint32_t> panel_store;
+    if (panel_store.size() < static_cast<size_t>(pairs * kPanel + 16)) panel_store.resize(pairs * kPanel + 16);
+    const uintptr_t raw = reinterpret_cast<uintptr_t>(panel_store.data());
+    uint32_t* panel = reinterpret_cast<uint32_t*>((raw + 63) & ~uintptr_t{63});
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t j0 = p * kPanel;
       const int64_t nc = std::min<int64_t>(kPanel, width - j0);
@@ -215,12 +221,11 @@ void gemm_bf16_avx512(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
         const int64_t tn = std::min<int64_t>(kDepth, pairs - t0);
         for (int64_t i0 = 0; i0 < rows; i0 += kRowBlock) {
           const int64_t mr = std::min<int64_t>(kRowBlock, rows - i0);
-          blocks[mr - 1](a_pack.data() + i0 * pairs + t0 * mr, tn, panel + t0 * kPanel, out + i0 * ldo + j0, ldo,
+          blocks[mr - 1](a_pack + i0 * pairs + t0 * mr, tn, panel + t0 * kPanel, out + i0 * ldo + j0, ldo,
                          m0, m1, t0 > 0);
         }
       }
     }
-    std::free(panel);
   });
 }
 
