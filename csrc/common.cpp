@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -77,6 +78,13 @@ void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs) 
     return;
   }
   at::mm_out(out, lhs, rhs.t());
+}
+
+void check_finite(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0 || !t.is_floating_point()) return;
+  const auto mm = at::aminmax(t);  // propagates NaN
+  const bool ok = std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>());
+  TORCH_CHECK_VALUE(ok, name, " contains NaN or Inf; clean the input (e.g. torch.nan_to_num) before calling");
 }
 
 void advise_huge_pages(void* p, size_t bytes) {

@@ -36,6 +36,12 @@ def backend(monkeypatch):
     """Force VIREID_BACKEND for one test: ``backend("cpp")``."""
 
     def use(name: str) -> None:
+        if name == "cpp":
+            from vireid_fast import _extension
+
+            loaded, reason = _extension.status()
+            if not loaded:  # the fallback configuration (VIREID_DISABLE_EXTENSION=1 or no build): nothing to compare
+                pytest.skip(f"needs the compiled extension: {reason}")
         monkeypatch.setenv("VIREID_BACKEND", name)
 
     return use
