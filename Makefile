@@ -1,6 +1,6 @@
 # vireid_fast — set-up, tests, demo and benchmarks.
 #   make demo   set up (if needed) and run the main job
-#   make test   set up (if needed) and run the test suite
+#   make test   set up (if needed) and run the test suite, then the op tests without the compiled extension
 #   make bench  benchmarks (pytest-benchmark, saved);  make bench-compare  fail on a median regression
 # Set-up: uses the active virtual environment (VIRTUAL_ENV / CONDA_PREFIX) if there is one, else creates .venv;
 # installs the CPU torch build unless a torch (e.g. a CUDA build) is already installed, then the package with its
@@ -50,8 +50,11 @@ setup: $(DEPS_STAMP) $(BUILD_STAMP)
 
 build: setup
 
+# The second run checks the fallback configuration (no compiled extension: the reference kernels behind the same
+# validation layer) on the op tests; tests that need the extension skip there.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	VIREID_DISABLE_EXTENSION=1 $(PY) -m pytest tests/ops -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m vireid_fast.cli train

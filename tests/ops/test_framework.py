@@ -92,6 +92,7 @@ def test_import_without_extension_falls_back_with_one_warning():
 def test_extension_built_for_another_torch_is_refused(tmp_path, monkeypatch):
     fake = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
     fake.write_bytes(b"\x7fELF....VIREID_TORCH_VERSION=1.0.0;....")
+    monkeypatch.delenv("VIREID_DISABLE_EXTENSION", raising=False)  # also in the fallback run of make test
     monkeypatch.setattr(_extension, "_library_path", lambda: str(fake))
     monkeypatch.setattr(_extension, "_state", {"tried": False, "loaded": False, "path": None, "reason": ""})
     with pytest.warns(RuntimeWarning, match="built for torch 1.0.0"):

@@ -194,7 +194,8 @@ def cmfp_ref(features_v: torch.Tensor, features_r: torch.Tensor,
     rows, cols = torch.nonzero(g, as_tuple=True)
     crow = torch.zeros(g.shape[0] + 1, dtype=torch.int64, device=g.device)
     crow[1:] = torch.bincount(rows, minlength=g.shape[0]).cumsum(0)
-    return prop[:nv].clone(), prop[nv:].clone(), crow, cols, g[rows, cols]  # outputs must not share storage
+    # Fresh outputs: the slices of prop and nonzero's columns would share storage (opcheck refuses aliased outputs).
+    return prop[:nv].clone(), prop[nv:].clone(), crow, cols.clone(), g[rows, cols]
 
 
 # Clustering: exact kNN, k-reciprocal Jaccard distance, DBSCAN (spec: shared/spec/jaccard.md, cmfp_sinkhorn_dbscan.md)
@@ -335,6 +336,8 @@ def dbscan_csr_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, 
                    fill: float) -> torch.Tensor:
     """DBSCAN on an (N, N) distance in CSR form whose entries not stored equal ``fill``: labels (N,) int64."""
     n = crow.numel() - 1
+    # Compared in the values' precision, as sklearn compares the float32 dense matrix with eps rounded to float32.
+    eps, fill = (float(torch.tensor(v, dtype=values.dtype)) for v in (eps, fill))
     neighbours = []
     for i in range(n):
         lo, hi = int(crow[i]), int(crow[i + 1])
