@@ -344,3 +344,13 @@ def test_opposite_input_keeps_the_old_row(backend, name, update):
     memory_contrastive(inputs.clone().requires_grad_(), targets, memory, momentum=0.5, update=update).backward()
     memory_update(-start[:1].clone(), torch.tensor([0]), memory, momentum=0.5, update=update)
     assert torch.equal(memory[0], start[0])
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_csr_eps_is_compared_in_float32_on_every_backend(backend, name):
+    # sklearn compares a float32 matrix with eps rounded to float32: float32(0.2) <= 0.2 holds there.
+    backend(name)
+    d = torch.tensor([[0.0, 0.2, 1.0], [0.2, 0.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float32)
+    expected = dbscan(d, 0.2, 2)
+    assert expected.tolist() == [0, 0, -1]
+    assert torch.equal(dbscan(d.to_sparse_csr(), 0.2, 2, fill=0.0), expected)
