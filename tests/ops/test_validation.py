@@ -14,6 +14,7 @@ from vireid_fast import _extension
 from vireid_fast.ops import (
     _registry,
     dbscan,
+    knn,
     kreciprocal_jaccard,
     memory_contrastive,
     memory_update,
@@ -354,3 +355,15 @@ def test_csr_eps_is_compared_in_float32_on_every_backend(backend, name):
     expected = dbscan(d, 0.2, 2)
     assert expected.tolist() == [0, 0, -1]
     assert torch.equal(dbscan(d.to_sparse_csr(), 0.2, 2, fill=0.0), expected)
+
+
+def test_compiled_ops_check_values_when_they_run():
+    # Under torch.compile the wrappers' value checks are traced away; the op's kernels still run them.
+    torch._dynamo.reset()
+    search = torch.compile(lambda x: knn(x, 2), fullgraph=True, backend="aot_eager")
+    x = _unit(6, 4)
+    assert torch.equal(search(x)[1], knn(x, 2)[1])
+    bad = x.clone()
+    bad[2, 1] = math.inf
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        search(bad)
