@@ -27,10 +27,10 @@ import vireid_fast
 from vireid_fast.ops import cmfp, dbscan, knn, kreciprocal_jaccard, memory_contrastive, sinkhorn
 
 # No shrinking in the bounded profile: a failure prints its (unshrunk) example, and the time stays bounded.
-settings.register_profile("default", max_examples=30, deadline=None, derandomize=True,
+settings.register_profile("default", max_examples=30, deadline=None, derandomize=True, database=None,
                           phases=[Phase.explicit, Phase.reuse, Phase.generate],
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("long", max_examples=2000, deadline=None,
+settings.register_profile("long", max_examples=500, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 

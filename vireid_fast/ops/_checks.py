@@ -47,7 +47,7 @@ def number(name: str, value, *, positive: bool = False, lower: float | None = No
     bounds = " and ".join(b for b in (lo, f"< {upper:g}" if upper is not None else "") if b)
     if (math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)) or (positive and not value > 0)
             or (lower is not None and value < lower) or (upper is not None and not value < upper)):
-        kind = "a number" if allow_inf else "a finite number"
+        kind = "a number (+inf allowed, not NaN or -inf)" if allow_inf else "a finite number"
         raise ValueError(f"{name} must be {kind}{' ' + bounds if bounds else ''}{what}, got {value}")
     return value
 

@@ -9,8 +9,6 @@ unless ``fill=`` is given.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _registry
@@ -66,7 +64,7 @@ def dbscan(dist, eps: float, min_samples: int, *, fill: float | None = None) -> 
         min_samples: neighbourhood size (the point included) for a core point, >= 1.
         fill: the distance of the entries a sparse ``dist`` does not store. Required for a torch CSR tensor (there is
             no safe default: the Jaccard CSR means 1.0, a dense distance's ``.to_sparse_csr()`` means 0.0); for a
-            ``SparseDistance`` it may be omitted and must match its own fill if given. Not NaN (+-inf allowed).
+            ``SparseDistance`` it may be omitted and must match its own fill if given. Not NaN or -inf (+inf allowed).
     Returns:
         labels (N,) int64 on ``dist``'s device, numbered like scikit-learn: clusters in order of their
         smallest-index core point, border points in the lowest-numbered cluster reaching them.
@@ -75,9 +73,7 @@ def dbscan(dist, eps: float, min_samples: int, *, fill: float | None = None) -> 
     """
     eps = check_dbscan_params(eps, min_samples)
     if fill is not None:
-        fill = number("fill", fill, allow_inf=True)
-        if math.isinf(fill) and fill < 0:
-            raise ValueError("fill must not be -inf; pass the distance the entries not stored stand for")
+        fill = number("fill", fill, allow_inf=True)  # +inf: never a neighbour; NaN and -inf are refused
     if isinstance(dist, SparseDistance):
         if fill is not None and fill != dist.fill:
             raise ValueError(f"fill={fill} contradicts dist.fill={dist.fill} (the value the SparseDistance's entries "
