@@ -44,7 +44,10 @@ def sinkhorn_ref(cost: torch.Tensor, lam: float, a: torch.Tensor, b: torch.Tenso
             if err <= tol or it == max_iter:
                 break
             f = log_a - lse_rows
-        plans.append(torch.exp(f[:, None] + g[None, :] + neg).to(cost.dtype))
+        # exp(f + g - lam C) with g = log b - LSE_i(f - lam C), written as b_j * softmax_i(f_i - lam C_ij): the same
+        # plan, but max-shifted, so it stays finite with exact column sums even where f + g - lam C would cancel
+        # catastrophically (a huge spread of lam * cost).
+        plans.append((torch.softmax(f[:, None] + neg, dim=0) * b[k][None, :]).to(cost.dtype))
         iters.append(it)
         errs.append(err)
     return (torch.stack(plans), torch.tensor(iters, dtype=torch.int64, device=cost.device),
