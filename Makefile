@@ -1,5 +1,6 @@
 # vireid_fast — set-up, tests, demo and benchmarks.
-#   make demo   set up (if needed) and run the main job
+#   make demo   set up (if needed) and run the main job: DCL and the supervised ceiling from the synthetic-pretrained
+#               start, two seeds, and the comparison table (runs/demo/results.md)
 #   make test   set up (if needed) and run the test suite, then the op tests without the compiled extension
 #   make bench  benchmarks (pytest-benchmark, saved);  make bench-compare  fail on a median regression
 # Set-up: uses the active virtual environment (VIRTUAL_ENV / CONDA_PREFIX) if there is one, else creates .venv;
@@ -57,8 +58,12 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 	VIREID_DISABLE_EXTENSION=1 $(PY) -m pytest tests/ops -m "not triton" -p no:cacheprovider $(PYTEST_ARGS)
 
+DEMO_SEEDS ?= 0,1
+DEMO_JOBS ?= 2
+
 demo: setup
-	$(PY) -m vireid_fast.cli train
+	$(PY) -m vireid_fast.cli compare --methods dcl,supervised --seeds $(DEMO_SEEDS) --jobs $(DEMO_JOBS) \
+	  --output-dir runs/demo
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-autosave $(PYTEST_ARGS)

@@ -13,7 +13,9 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,19 +23,12 @@ from typing import Any
 
 import yaml
 
+from .methods import get_method
+from .schema import spec
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
-
-
-def spec(default, *, help: str = "", min: float | None = None, max: float | None = None,  # noqa: A002
-         choices: tuple | None = None, min_exclusive: bool = False, length: int | None = None):
-    """A dataclass field with validation metadata."""
-    meta = {"help": help, "min": min, "max": max, "choices": choices, "min_exclusive": min_exclusive,
-            "length": length}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -55,10 +50,16 @@ class DataConfig:
     trial: int = spec(1, min=1, max=10, help="RegDB trial (split) 1..10")
     image_size: list = spec([288, 144], length=2, help="(height, width) of network inputs")
     cache_images: bool = spec(False, help="keep decoded training images in memory across epochs")
+    skip_bad_images: bool = spec(False, help="decode every image once at start-up and drop unreadable ones (counted "
+                                             "in the log) instead of stopping at the first")
+    max_image_pixels: int = spec(89_478_485, min=1, help="images with more pixels (width x height) are refused as "
+                                                         "unreadable (decompression-bomb guard; Pillow's default)")
     num_workers: int = spec(0, min=0, help="DataLoader worker processes for image decoding")
     synthetic_size: str = spec("small", choices=("tiny", "small", "medium", "large"),
                                help="preset of the generated synthetic dataset")
     synthetic_ids: int = spec(0, min=0, help="identities of the synthetic dataset (0 = preset's)")
+    synthetic_seed: int = spec(0, min=0, help="seed of the generated synthetic dataset (independent of "
+                                             "experiment.seed, so seeds of a comparison train on the same data)")
 
 
 @dataclass
@@ -110,9 +111,11 @@ SECTIONS = {"experiment": ExperimentConfig, "data": DataConfig, "model": ModelCo
             "train": TrainConfig, "eval": EvalConfig}
 
 # Keys that may change between a run and its resumption (they do not change what is computed per epoch).
+# data.skip_bad_images and data.max_image_pixels only decide what happens to unreadable images (stop or drop), not
+# what is computed from readable ones; leaving them out of the hash also keeps older checkpoints resumable.
 RESUMABLE_KEYS = {"experiment.output_dir", "experiment.name", "data.root", "data.num_workers", "data.cache_images",
-                  "train.epochs", "train.eval_every", "eval.eval_untrained", "eval.batch_size", "eval.trials",
-                  "eval.mode", "experiment.threads"}
+                  "data.skip_bad_images", "data.max_image_pixels", "train.epochs", "train.eval_every",
+                  "eval.eval_untrained", "eval.batch_size", "eval.trials", "eval.mode", "experiment.threads"}
 
 
 @dataclass
@@ -153,6 +156,9 @@ def _type_name(tp) -> str:
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list"}.get(tp, str(tp))
 
 
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(key: str, value, tp, meta: dict):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -167,9 +173,14 @@ def _coerce(key: str, value, tp, meta: dict):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: must be an integer, got {value!r} ({type(value).__name__})")
     elif tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: must be a number, got {value!r} ({type(value).__name__})")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every < / > range check below, so it is refused here
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}; set a finite value (defaults: "
+                              "vireid-fast train --print-config)")
     elif tp is str:
         if value is None:
             value = ""
@@ -195,7 +206,8 @@ def _coerce(key: str, value, tp, meta: dict):
     return value
 
 
-def _unknown(key: str, known) -> ConfigError:
+def _unknown(key, known) -> ConfigError:
+    key = str(key)  # YAML keys may be numbers or booleans
     leaf = key.rsplit(".", 1)
     close = difflib.get_close_matches(leaf[-1], list(known), n=1)
     hint = f" (did you mean '{(leaf[0] + '.') if len(leaf) == 2 else ''}{close[0]}'?)" if close else ""
@@ -246,8 +258,6 @@ def merge(base: dict, extra: dict) -> dict:
 
 def from_dict(raw: dict | None) -> Config:
     """Validate a nested dict into a :class:`Config` (method params checked by the method's declaration)."""
-    from .methods import get_method
-
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
@@ -255,9 +265,10 @@ def from_dict(raw: dict | None) -> Config:
         if name not in SECTIONS and name != "method":
             raise _unknown(name, list(SECTIONS) + ["method"])
     sections = {name: build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
-    method_raw = dict(raw.get("method") or {})
     if not isinstance(raw.get("method") or {}, dict):
-        raise ConfigError("method: must be a mapping with at least 'name'")
+        raise ConfigError(f"method: must be a mapping of keys to values (at least 'name', e.g. "
+                          f"'method: {{name: dcl}}'), got {raw['method']!r}")
+    method_raw = dict(raw.get("method") or {})
     method_name = method_raw.get("name", "dcl")
     try:
         method_cls = get_method(method_name)
@@ -281,12 +292,16 @@ def load_config(path: str | None = None, overrides=None) -> Config:
                 raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: must be a mapping of sections (experiment, data, model, ...)")
+        for name, section in raw.items():  # before merging: an override must not hide a malformed section
+            if (name in SECTIONS or name == "method") and section is not None and not isinstance(section, dict):
+                raise ConfigError(f"{name}: must be a mapping of keys to values, got {section!r} (in {path}); write "
+                                  f"it as '{name}:' followed by indented 'key: value' lines")
     return from_dict(merge(raw, parse_overrides(overrides)))
 
 
 def describe() -> str:
     """Every key with its default and help, for documentation and ``--print-config``."""
-    from .methods import METHODS
+    from .methods import METHODS  # the registry as it is now (plug-ins may register after import)
 
     lines = []
     for name, cls in list(SECTIONS.items()) + [(f"method ({m})", c.Params) for m, c in METHODS.items()]:

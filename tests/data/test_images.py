@@ -78,3 +78,68 @@ def test_corrupt_files_are_named_or_skipped(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(ImageDataset(records[:1], skip_bad_images=True)) == 1  # nothing bad: no warning
+
+
+def png_bomb(path: str, width: int, height: int) -> str:
+    """A valid-looking PNG header declaring width x height (one row of data): a few bytes on disk."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+                + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_a_bad_image_even_named_jpg(tmp_path):
+    """Pillow raises DecompressionBombError (not an OSError) above twice its limit: it must not escape."""
+    bomb = png_bomb(str(tmp_path / "bomb.jpg"), 100_000, 100_000)
+    assert os.path.getsize(bomb) < 1000
+    with pytest.raises(BadImageError, match=r"bomb\.jpg \(DecompressionBombError: .*\); fix or remove"):
+        load_image(bomb)
+    # Between the limit and twice it Pillow only warns: the explicit check refuses it, and no warning leaks.
+    half = png_bomb(str(tmp_path / "half.png"), 10_000, 10_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(BadImageError, match=r"10000x10000 = 100000000 pixels exceeds max_pixels=89478485"):
+            load_image(half)
+    records = records_in(tmp_path, 2) + [ImageRecord(bomb, 5, 1, "visible"), ImageRecord(half, 5, 1, "visible")]
+    with pytest.warns(RuntimeWarning, match=r"skipped 2 unreadable image\(s\) of 4: .*bomb\.jpg, .*half\.png"):
+        data = ImageDataset(records, size=(16, 8), skip_bad_images=True, cache=True)
+    assert len(data) == 2 and len(data._cache) == 2  # decoded once, during the check
+    assert [p for p, _ in find_bad_images([r.path for r in records])] == [bomb, half]
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = write_image(str(tmp_path / "a.png"), 3, size=(16, 8))  # 128 pixels
+    assert load_image(path, size=None, max_pixels=128).size == (8, 16)
+    with pytest.raises(BadImageError, match=r"a\.png \(8x16 = 128 pixels exceeds max_pixels=127 .*raise max_pixels"):
+        load_image(path, size=None, max_pixels=127)
+    with pytest.raises(ValueError, match=r"max_pixels must be a positive integer .*got 0"):
+        load_image(path, max_pixels=0)
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+        assert len(ImageDataset([ImageRecord(path, 0, 1, "visible")], skip_bad_images=True, max_pixels=100)) == 0
+
+
+def test_any_decoder_exception_names_the_file(tmp_path, monkeypatch):
+    path = write_image(str(tmp_path / "a.png"), 3)
+
+    def broken_decoder(self):
+        raise IndexError("tile index out of range")  # what some corrupt files make Pillow plug-ins raise
+
+    monkeypatch.setattr(Image.Image, "load", broken_decoder)
+    with pytest.raises(BadImageError, match=r"a\.png \(IndexError: tile index out of range\)"):
+        load_image(path)
+
+
+def test_bad_image_in_a_dataloader_worker_keeps_its_message(tmp_path):
+    records = records_in(tmp_path, 2)
+    with open(records[1].path, "wb") as f:
+        f.write(b"junk")
+    loader = torch.utils.data.DataLoader(ImageDataset(records, size=(16, 8)), batch_size=2, num_workers=1)
+    with pytest.raises(BadImageError, match=r"1\.jpg \(UnidentifiedImageError"):
+        next(iter(loader))

@@ -201,3 +201,47 @@ def test_custom_dataset_without_infrared_is_rejected(tmp_path):
         OnlyVisible(str(tmp_path))
     with pytest.raises(ValueError, match="modality must be 'visible' or 'infrared', got 'rgb'"):
         type("Bad", (VIReIDDataset,), {"load": lambda self: self.add_train("a.png", 1, 1, "rgb")})(str(tmp_path))
+
+
+def test_binary_list_files_are_named_problems(tmp_path):
+    """A binary exp/*_id.txt or RegDB idx file: one DatasetError naming the file, not a bare UnicodeDecodeError."""
+    root = tmp_path / "s"
+    make_sysu(str(root))
+    (root / "exp" / "train_id.txt").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    (root / "exp" / "val_id.txt").write_bytes(b"4\x00\x00")
+    (root / "exp" / "test_id.txt").write_bytes(b"\xef\xbb\xbf5,6\r\n")  # a BOM and CRLF are fine
+    with pytest.raises(DatasetError) as info:
+        SYSUMM01(str(root))
+    assert info.value.problems == [
+        "exp/train_id.txt: not UTF-8 text (byte 0xff at offset 0); it must be a plain-text list: is it a binary or "
+        "mis-named file?",
+        "exp/val_id.txt: contains NUL bytes (offset 1); it must be a plain-text list: is it a binary or mis-named "
+        "file?",
+    ]
+    regdb = tmp_path / "RegDB"
+    make_regdb(str(regdb))
+    (regdb / "idx" / "test_visible_1.txt").write_bytes(b"Visible/4/visible_3_0.bmp 3\n\x89PNG\x1a\n")
+    with pytest.raises(DatasetError, match=r"idx/test_visible_1.txt: not UTF-8 text \(byte 0x89 at offset 28\)"):
+        RegDB(str(regdb))
+
+
+def test_regdb_paths_outside_the_root_are_refused(tmp_path):
+    root = tmp_path / "RegDB"
+    make_regdb(str(root))
+    write_image(str(tmp_path / "elsewhere.bmp"))
+    with open(root / "idx" / "train_visible_1.txt", "a") as f:
+        f.write(f"{tmp_path / 'elsewhere.bmp'} 1\n../elsewhere.bmp 1\nVisible/../../elsewhere.bmp 2\n"
+                f"{root / 'Visible' / '1' / 'visible_0_0.bmp'} 0\nVisible/1/../1/visible_0_1.bmp 0\n")
+    with pytest.raises(DatasetError) as info:
+        RegDB(str(root))
+    assert info.value.problems == [
+        f"idx/train_visible_1.txt: 3 path(s) outside the dataset root {root} (absolute or '..' paths are refused; "
+        f"list images relative to the root): line 7: '{tmp_path / 'elsewhere.bmp'}', line 8: '../elsewhere.bmp', "
+        "line 9: 'Visible/../../elsewhere.bmp'"]
+    with open(root / "idx" / "train_visible_1.txt") as f:
+        lines = f.read().splitlines()
+    with open(root / "idx" / "train_visible_1.txt", "w") as f:
+        f.write("\n".join(lines[:6] + lines[9:]) + "\n")
+    data = RegDB(str(root))  # absolute or '..' paths that stay inside the root are fine
+    assert [r.path for r in data.train_visible[-2:]] == [str(root / "Visible" / "1" / "visible_0_0.bmp"),
+                                                        str(root / "Visible" / "1" / "visible_0_1.bmp")]

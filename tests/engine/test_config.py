@@ -30,6 +30,12 @@ def test_defaults_and_overrides():
     ("method:\n  temp: 0\n", "method.temp: must be > 0"),
     ("method:\n  tempp: 0.1\n", "unknown key 'method.tempp' (did you mean 'method.temp'?)"),
     ("- 1\n- 2\n", "must be a mapping"),
+    ("method: dcl\n", "method: must be a mapping of keys to values"),
+    ("train: 5\n", "train: must be a mapping of keys to values, got 5"),
+    ("1: 2\n", "unknown key '1'"),
+    ("train:\n  lr: .nan\n", "train.lr: must be a finite number, got nan"),
+    ("model:\n  gem_p: .inf\n", "model.gem_p: must be a finite number, got inf"),
+    ("data:\n  max_image_pixels: 0\n", "data.max_image_pixels: must be >= 1"),
 ])
 def test_validation_messages_name_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError) as info:
@@ -54,6 +60,7 @@ def test_missing_file():
 def test_hash_ignores_paths_and_epochs_but_not_hyperparameters():
     base = load_config(None).hash()
     assert load_config(None, ["experiment.output_dir=/x", "train.epochs=99"]).hash() == base
+    assert load_config(None, ["data.skip_bad_images=true", "data.max_image_pixels=1000"]).hash() == base
     assert load_config(None, ["cluster.eps=0.5"]).hash() != base
     assert load_config(None, ["method.momentum=0.3"]).hash() != base
 
@@ -67,3 +74,43 @@ def test_shipped_configs_validate():
     assert paths
     for path in paths:
         load_config(path)
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "cluster.eps=.nan", "method.temp=.nan", "model.gem_p=.inf",
+                                      "train.weight_decay=-.inf", "train.flip_p=.nan", "model.ema_beta=.nan"])
+def test_float_keys_refuse_nan_and_inf(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}: must be a finite number, got -?(nan|inf)"):
+        load_config(None, [override])
+
+
+def test_override_does_not_hide_a_malformed_section(tmp_path):
+    with pytest.raises(ConfigError, match="^train: must be a mapping of keys to values, got 5"):
+        load_config(write(tmp_path, "train: 5\n"), ["train.epochs=3"])
+    with pytest.raises(ConfigError, match="^method: must be a mapping"):
+        load_config(write(tmp_path, "method: dcl\n"), ["method.temp=0.1"])
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """YAML 1.1 reads 1e-3 as a string; float keys take it as the number it spells (int keys do not)."""
+    config = load_config(None, ["train.lr=1e-3", "model.gem_p=3E0", "cluster.eps=+.5"])
+    assert config.train.lr == 1e-3 and config.model.gem_p == 3.0 and config.cluster.eps == 0.5
+    for bad in ("train.lr=1e-3x", "train.lr=nan", "train.lr=e5", "train.epochs=1e1"):
+        with pytest.raises(ConfigError, match="must be (a number|an integer), got '"):
+            load_config(None, [bad])
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"method": "dcl"}, "method: must be a mapping of keys to values (at least 'name', e.g. 'method: {name: dcl}'), "
+                        "got 'dcl'"),
+    ({"method": ["dcl"]}, "method: must be a mapping of keys to values"),
+    ({"data": "synthetic"}, "data: must be a mapping of keys to values, got 'synthetic'"),
+    ({True: {}}, "unknown key 'True'"),
+])
+def test_from_dict_refuses_non_mapping_sections(raw, message):
+    """The path a checkpoint's config takes (``vireid-fast eval``): no bare ValueError from dict('dcl')."""
+    from vireid_fast.config import from_dict
+
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw)
+    assert str(info.value).startswith(message)

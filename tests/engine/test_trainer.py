@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -36,7 +38,16 @@ def test_one_epoch_end_to_end(root, tmp_path):
                 "ari/visible", "nmi/infrared", "rank1", "mAP", "mINP", "time/extract", "time/cluster",
                 "time/train", "time/eval"):
         assert key in epoch, key
-    assert epoch["clusters/visible"] > 0 and epoch["clusters/infrared"] > 0
+    # Training ran on real clusters with a finite, non-degenerate loss (a NaN or an all-zero loss, e.g. from one
+    # cluster holding everything, fails here) whose parts add up to the total.
+    losses = {k: v for k, v in epoch.items() if k.startswith("loss/")}
+    assert all(math.isfinite(v) and v > 0 for v in losses.values()), losses
+    assert epoch["loss/total"] == pytest.approx(sum(v for k, v in losses.items() if k != "loss/total"), rel=1e-5)
+    assert 1 < epoch["clusters/visible"] < len(trainer.train_sets["visible"])
+    assert 1 < epoch["clusters/infrared"] < len(trainer.train_sets["infrared"])
+    assert epoch["nmi/visible"] > 0 and epoch["nmi/infrared"] > 0
+    # The evaluation changed with the weights (the trained model is evaluated, not the untrained one again).
+    assert any(rows[0][k] != rows[1][k] for k in ("rank1", "mAP", "mINP"))
     for name in ("curves.png", "cmc.png", "checkpoint.pt"):
         assert (tmp_path / "run" / name).exists(), name
     labels = trainer.labels
@@ -87,6 +98,23 @@ def test_resume_refuses_other_config_and_truncated_file(root, tmp_path):
     with pytest.raises(CheckpointError, match=r"another config.*cluster.eps: 0.7 -> 0.5"):
         Trainer(tiny_config(out, "train.epochs=2", "cluster.eps=0.5"), data_root=root, log=quiet, resume=True)
     path = os.path.join(out, "checkpoint.pt")
+    from vireid_fast.engine import load_checkpoint, save_checkpoint
+
+    good = load_checkpoint(path)
+    save_checkpoint(path, {k: v for k, v in good.items() if k not in ("optimizer", "rng")})
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt lacks key\(s\) optimizer, rng \(present: "):
+        Trainer(tiny_config(out, "train.epochs=2"), data_root=root, log=quiet, resume=True)
+    model = dict(good["model"])
+    model["layer1.0.conv1.weight"] = model["layer1.0.conv1.weight"][:, :1]
+    del model["bnneck.running_mean"]
+    save_checkpoint(path, {**good, "model": model})
+    with pytest.raises(CheckpointError, match=r"'model' does not fit this model \(missing: bnneck\.running_mean; "
+                                              r"wrong shape: layer1\.0\.conv1\.weight \(8, 1, 3, 3\)"):
+        Trainer(tiny_config(out, "train.epochs=2"), data_root=root, log=quiet, resume=True)
+    save_checkpoint(path, {**good, "optimizer": {"state": {}, "param_groups": []}})
+    with pytest.raises(CheckpointError, match=r"training state does not fit this trainer \(ValueError: "):
+        Trainer(tiny_config(out, "train.epochs=2"), data_root=root, log=quiet, resume=True)
+    save_checkpoint(path, good)
     blob = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(blob[: len(blob) // 2])
@@ -107,3 +135,45 @@ def test_ema_encoder_follows_and_is_checkpointed(root, tmp_path):
     assert not torch.equal(ema_weight, trainer.encoder.layer1[0].conv1.weight)
     state = load_checkpoint(str(out / "checkpoint.pt"))
     assert torch.equal(state["ema"]["layer1.0.conv1.weight"], ema_weight)
+
+
+def truncate(path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(60)
+    with open(path, "wb") as f:
+        f.write(head)
+
+
+def test_skip_bad_images_drops_and_counts_them(root, tmp_path, capsys):
+    from tests.engine.tiny import TINY_OVERRIDES
+    from vireid_fast.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    bad_train = data / "cam1" / "0001" / "0001.jpg"
+    bad_query = data / "cam3" / "0004" / sorted(os.listdir(data / "cam3" / "0004"))[0]
+    truncate(bad_train)
+    truncate(bad_query)
+    out = tmp_path / "run"
+    # Without the key: one line naming the file and the fix, exit status 2 (was a 24-frame traceback).
+    assert main(["train", "--data-root", str(data), "--output-dir", str(out), "--no-progress", *TINY_OVERRIDES,
+                 "train.epochs=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: 1 unreadable image file(s): ") and "0004" in err[0], err
+    assert "data.skip_bad_images=true" in err[0]
+
+    lines = []
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable image"):
+        trainer = Trainer(tiny_config(str(out), "train.epochs=1", "data.skip_bad_images=true"), data_root=str(data),
+                          log=lines.append, progress=False)
+    assert [line for line in lines if line.startswith("skipped")] == [
+        f"skipped 2 unreadable image(s) (data.skip_bad_images): {bad_train} (OSError: Truncated File Read), "
+        f"{bad_query} (OSError: Truncated File Read)"], lines
+    reference = Trainer(tiny_config(str(tmp_path / "ref"), "train.epochs=1"), data_root=root, log=quiet,
+                        progress=False)
+    assert len(trainer.train_sets["visible"]) == len(reference.train_sets["visible"]) - 1
+    assert str(bad_train) not in {r.path for r in trainer.train_sets["visible"].records}
+    assert len(trainer.test_set.query) == len(reference.test_set.query) - 1
+    assert len(trainer.test_set.gallery) == len(reference.test_set.gallery)
+    summary = trainer.fit()
+    assert math.isfinite(summary["trained"]["mAP"])

@@ -3,49 +3,33 @@ import torch
 
 from vireid_fast.methods import DCL, Method, cluster_means, get_method, register_method
 
+from .context import make_context
+
 
 def test_cluster_means_excludes_outliers():
-    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])
-    labels = torch.tensor([0, 0, 1, -1])
+    # The outlier points away from every cluster, so adding it to any of them (or to the last row, where a label of
+    # -1 indexes) changes that cluster's direction; cluster 1 has two members of different lengths, so the mean is
+    # of the raw features, normalised once.
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 1.0], [-4.0, -7.0]])
+    labels = torch.tensor([0, 0, 1, 1, -1])
     means = cluster_means(feats, labels)
-    assert means.shape == (2, 2) and means.is_contiguous()
+    assert means.shape == (2, 2) and means.is_contiguous() and means.dtype == torch.float32
     torch.testing.assert_close(means[0], torch.tensor([0.7071068, 0.7071068]))
-    torch.testing.assert_close(means[1], torch.tensor([0.7071068, 0.7071068]))
-    assert cluster_means(feats, torch.full((4,), -1)).shape == (0, 2)
-
-
-class FakeTrainer:
-    device = torch.device("cpu")
-
-    def __init__(self, model):
-        self.model = model
-
-    def augment(self, images):
-        return images.float() / 255
-
-    def augment_channel(self, images):
-        return images.float().mean(1, keepdim=True).expand(-1, 3, -1, -1) / 255
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def gather(self, x):
-        return x
+    torch.testing.assert_close(means[1], torch.tensor([3.0, 1.0]) / 10.0 ** 0.5)
+    assert cluster_means(feats, torch.full((5,), -1)).shape == (0, 2)
 
 
 def test_dcl_step_losses_and_memory_update():
     from vireid_fast.config import load_config
-    from vireid_fast.engine import TrainBatch
+    from vireid_fast.methods import TrainBatch
     from vireid_fast.models import small_resnet
 
     torch.manual_seed(0)
     model = small_resnet(widths=(8, 8, 8, 16))
     params = load_config(None, ["method.momentum=0.5"]).method
-    method = DCL(params, FakeTrainer(model))
-    feats = {"visible": torch.nn.functional.normalize(torch.randn(12, 16), dim=1),
-             "infrared": torch.nn.functional.normalize(torch.randn(9, 16), dim=1)}
+    method = DCL(params, make_context(model))
+    feats = {"visible": {"feature": torch.nn.functional.normalize(torch.randn(12, 16), dim=1)},
+             "infrared": {"feature": torch.nn.functional.normalize(torch.randn(9, 16), dim=1)}}
     labels = {"visible": torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, -1, -1, 0]),
               "infrared": torch.tensor([0, 0, 1, 1, 1, -1, 0, 1, 1])}
     method.build_memories(feats, labels)
@@ -64,9 +48,10 @@ def test_dcl_step_losses_and_memory_update():
     assert torch.equal(method.memories["visible"][1], before["visible"][1])
     assert not torch.equal(method.memories["infrared"][1], before["infrared"][1])
     assert model.visible_stem.conv1.weight.grad is not None and model.infrared_stem.conv1.weight.grad is not None
-    restored = DCL(params, FakeTrainer(model))
-    restored.load_state(method.state())
+    restored = DCL(params, make_context(model))
+    restored.load_state_dict(method.state_dict())
     assert torch.equal(restored.memories["visible"], method.memories["visible"])
+    assert set(method.state_dict()) == {"memory_visible", "memory_infrared"}
 
 
 def test_registry():

@@ -85,6 +85,8 @@ class PreparedVIReID(VIReIDDataset):
 class PreparedSYSUMM01(PreparedVIReID):
     """``sysu/{rgb_modify,ir_modify}/...``; query = infrared ``query`` (default), gallery = visible test images."""
 
+    protocol = "sysu"
+
     def __init__(self, root: str, query_modality: str = INFRARED):
         super().__init__(root, query_modality=query_modality)
 

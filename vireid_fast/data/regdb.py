@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .records import INFRARED, VISIBLE, DatasetError, ImageRecord, list_some
+from .records import INFRARED, VISIBLE, DatasetError, ImageRecord, inside_root, list_some, read_text
 from .registry import VIReIDDataset, register_dataset
 
 CAMERA = {VISIBLE: 1, INFRARED: 2}
@@ -22,35 +22,43 @@ LIST_NAME = {VISIBLE: "visible", INFRARED: "thermal"}
 
 
 def read_idx_file(root: str, relative: str, modality: str, problems: list[str]) -> list[ImageRecord]:
-    """Parse one idx list; every malformed line and every missing image becomes a problem naming file and line."""
+    """Parse one idx list; every malformed line, path outside ``root`` and missing image becomes a problem naming
+    file and line."""
     path = os.path.join(root, relative)
     if not os.path.isfile(path):
         problems.append(f"missing {relative} (lines 'relative/path label')")
         return []
-    records, malformed, missing = [], [], []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split(" ")
-            try:
-                if len(fields) != 2 or not fields[0]:
-                    raise ValueError
-                label = int(fields[1])
-            except ValueError:
-                malformed.append(f"line {number}: {line!r}")
-                continue
-            image = os.path.join(root, fields[0])
-            if not os.path.isfile(image):
-                missing.append(fields[0])
-            records.append(ImageRecord(image, label, CAMERA[modality], modality))
+    text = read_text(path, relative, problems)
+    if text is None:
+        return []
+    records, malformed, outside, missing = [], [], [], []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(" ")
+        try:
+            if len(fields) != 2 or not fields[0]:
+                raise ValueError
+            label = int(fields[1])
+        except ValueError:
+            malformed.append(f"line {number}: {line!r}")
+            continue
+        image = inside_root(root, fields[0])
+        if image is None:
+            outside.append(f"line {number}: {fields[0]!r}")
+            continue
+        if not os.path.isfile(image):
+            missing.append(fields[0])
+        records.append(ImageRecord(image, label, CAMERA[modality], modality))
     if malformed:
         problems.append(f"{relative}: {len(malformed)} malformed line(s), expected 'relative/path label': "
                         f"{list_some(malformed)}")
+    if outside:
+        problems.append(f"{relative}: {len(outside)} path(s) outside the dataset root {root} (absolute or '..' "
+                        f"paths are refused; list images relative to the root): {list_some(outside)}")
     if missing:
         problems.append(f"{relative}: {len(missing)} listed image(s) not found under {root}: {list_some(missing)}")
-    if not records and not malformed:
+    if not records and not malformed and not outside:
         problems.append(f"{relative} lists no images")
     return records
 

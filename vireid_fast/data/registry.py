@@ -34,6 +34,12 @@ class VIReIDDataset:
     """
 
     name = "dataset"
+    #: Evaluation protocol (:func:`vireid_fast.eval.evaluate`): ``"sysu"`` drops camera-2 gallery items for camera-3
+    #: queries (SYSU-MM01's rule); ``"regdb"`` drops nothing, the safe choice for a custom dataset.
+    protocol = "regdb"
+    #: True for the SYSU-MM01 folder layout: query and gallery are sampled from ``exp/test_id.txt`` per trial by
+    #: :func:`vireid_fast.eval.sysu_gallery` instead of being listed by the reader.
+    gallery_trials = False
 
     def __init__(self, root: str):
         self.root = os.path.abspath(os.path.expanduser(str(root)))
@@ -42,7 +48,8 @@ class VIReIDDataset:
         self.query: list[ImageRecord] = []
         self.gallery: list[ImageRecord] = []
         if not os.path.isdir(self.root):
-            raise DatasetError(self.name, self.root, [f"folder {self.root} does not exist (or is not a folder)"])
+            raise DatasetError(self.name, self.root, [f"folder {self.root} does not exist (or is not a folder); pass "
+                                                      "the dataset folder (--data-root DIR / data.root)"])
         self.load()
         self._check()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .records import INFRARED, VISIBLE, DatasetError, ImageRecord, image_files, list_some
+from .records import INFRARED, VISIBLE, DatasetError, ImageRecord, image_files, list_some, read_text
 from .registry import VIReIDDataset, register_dataset
 
 VISIBLE_CAMERAS = (1, 2, 4, 5)
@@ -33,8 +33,9 @@ def read_id_file(path: str, label: str, problems: list[str]) -> list[int]:
     if not os.path.isfile(path):
         problems.append(f"missing {label} (one comma-separated line of integer ids)")
         return []
-    with open(path) as f:
-        text = f.read()
+    text = read_text(path, label, problems)
+    if text is None:
+        return []
     ids, bad = [], []
     for position, token in enumerate(text.replace("\n", ",").split(","), start=1):
         token = token.strip()
@@ -63,6 +64,9 @@ class SYSUMM01(VIReIDDataset):
     ``test_by_camera``: ``{camid: [ImageRecord, ...]}`` for the test ids (all six cameras, protocol order);
     ``query`` / ``gallery`` stay empty: build them with the evaluation protocol (``vireid_fast.eval``).
     """
+
+    protocol = "sysu"
+    gallery_trials = True
 
     def load(self) -> None:
         problems: list[str] = []

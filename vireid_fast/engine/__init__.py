@@ -1,6 +1,6 @@
 """The training engine: :class:`Trainer`, checkpoints, multi-process helpers, metrics."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .trainer import TrainBatch, Trainer
+from .trainer import NonFiniteLossError, TrainBatch, Trainer
 
-__all__ = ["CheckpointError", "TrainBatch", "Trainer", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "NonFiniteLossError", "TrainBatch", "Trainer", "load_checkpoint", "save_checkpoint"]

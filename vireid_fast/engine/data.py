@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import INFRARED, VISIBLE, ImageRecord, create_dataset
+from ..data import INFRARED, VISIBLE, DatasetError, ImageRecord, create_dataset, find_bad_images, get_dataset_class
+from ..data.records import list_some
 
 
 def cache_dir() -> str:
@@ -55,14 +56,28 @@ def ensure_synthetic(root: str, size: str, ids: int, seed: int, log=print) -> st
 
 
 def resolve_root(config, data_root: str | None, log=print) -> str:
+    """The dataset folder (``data_root`` or ``data.root``; the synthetic set is generated when missing).
+
+    Raises ConfigError for an unknown ``data.dataset`` or an empty root, DatasetError for a missing folder."""
+    from ..config import ConfigError
+
     data = config.data
+    if data.dataset != "synthetic":
+        try:
+            get_dataset_class(data.dataset)
+        except ValueError as error:
+            raise ConfigError(f"data.dataset: {error}") from None
     root = data_root or data.root
     if data.dataset == "synthetic":
-        root = root or synthetic_root(data.synthetic_size, data.synthetic_ids, config.experiment.seed)
+        root = root or synthetic_root(data.synthetic_size, data.synthetic_ids, data.synthetic_seed)
         return ensure_synthetic(os.path.abspath(os.path.expanduser(root)), data.synthetic_size, data.synthetic_ids,
-                                config.experiment.seed, log)
+                                data.synthetic_seed, log)
     if not root:
-        raise ValueError(f"data.root is empty: pass --data-root DIR (the {data.dataset} folder) or set data.root")
+        raise ConfigError(f"data.root: is empty; pass --data-root DIR (the {data.dataset} folder) or set data.root")
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+        raise DatasetError(data.dataset, root, [f"folder {root} does not exist (or is not a folder); pass "
+                                                "--data-root DIR or set data.root to the dataset folder"])
     return root
 
 
@@ -82,6 +97,26 @@ class TestSet:
     query: list[ImageRecord]
     gallery: list[ImageRecord]
     gallery_trials: list[np.ndarray]  # per trial: indices into ``gallery``
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped as unreadable
+
+    def without_bad_images(self, max_pixels: int, dataset: str, root: str) -> TestSet:
+        """This test set without the images that cannot be decoded (``skipped`` lists them); the gallery trials are
+        renumbered. Raises DatasetError when nothing is left to evaluate."""
+        bad = find_bad_images([r.path for r in self.query + self.gallery], max_pixels)
+        if not bad:
+            return self
+        paths = {p for p, _ in bad}
+        keep = np.array([r.path not in paths for r in self.gallery], dtype=bool)
+        renumber = np.full(len(self.gallery), -1, dtype=np.int64)
+        renumber[keep] = np.arange(int(keep.sum()))
+        trials = [renumber[t][renumber[t] >= 0] for t in self.gallery_trials]
+        query = [r for r in self.query if r.path not in paths]
+        if not query or any(len(t) == 0 for t in trials):
+            raise DatasetError(dataset, root, [f"no readable query image or no readable gallery image in a trial "
+                                               f"({len(bad)} unreadable: {list_some(p for p, _ in bad)}); fix the "
+                                               "image files"])
+        return TestSet(self.protocol, query, [r for r, k in zip(self.gallery, keep, strict=True) if k], trials,
+                       self.skipped + bad)
 
 
 def _records(paths, pids, camids, modality) -> list[ImageRecord]:
@@ -91,8 +126,7 @@ def _records(paths, pids, camids, modality) -> list[ImageRecord]:
 def build_test_set(config, dataset, root: str) -> TestSet:
     """SYSU-MM01 layout (incl. synthetic): infrared query, visible gallery sampled per trial (``eval.trials``, seeds
     0..trials-1, ``eval.mode``); RegDB and prepared layouts: the reader's query and gallery."""
-    name = config.data.dataset
-    if name in ("sysu_mm01", "synthetic"):
+    if dataset.gallery_trials:
         from ..eval import sysu_gallery, sysu_query
 
         q_paths, q_pids, q_cams = sysu_query(root, config.eval.mode)
@@ -108,9 +142,8 @@ def build_test_set(config, dataset, root: str) -> TestSet:
                     gallery.append(record)
                 chosen.append(position[record.path])
             trials.append(np.asarray(chosen, dtype=np.int64))
-        return TestSet("sysu", _records(q_paths, q_pids, q_cams, INFRARED), gallery, trials)
-    protocol = "regdb" if name.startswith("regdb") else "sysu"
+        return TestSet(dataset.protocol, _records(q_paths, q_pids, q_cams, INFRARED), gallery, trials)
     if not dataset.query or not dataset.gallery:
-        raise ValueError(f"dataset {name} at {root} defines no query/gallery split to evaluate on")
-    return TestSet(protocol, list(dataset.query), list(dataset.gallery),
+        raise ValueError(f"dataset {config.data.dataset} at {root} defines no query/gallery split to evaluate on")
+    return TestSet(dataset.protocol, list(dataset.query), list(dataset.gallery),
                    [np.arange(len(dataset.gallery), dtype=np.int64)])

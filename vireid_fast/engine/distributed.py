@@ -45,6 +45,14 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every buffer of ``module`` (BatchNorm running statistics, counters) from rank ``src`` to all ranks: each rank's
+    training forwards update them with its own batches, and extraction must use one set of statistics."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

@@ -54,6 +54,31 @@ def normalized_mutual_info(truth, pred) -> float:
     return float(mi / denom) if denom > 0 else 0.0
 
 
+def cross_modality_pair_precision_recall(truth_v, labels_v, truth_r, labels_r) -> tuple[float, float]:
+    """Pseudo-label quality across modalities, over (visible, infrared) image pairs.
+
+    precision = pairs with the same pseudo-label that share the true identity / pairs with the same pseudo-label;
+    recall = pairs with the same pseudo-label that share the true identity / pairs that share the true identity.
+    Outliers (label < 0) share no label with anything. Counted from per-(label, identity) histograms, O(N) memory
+    (no N_v x N_r matrix); NaN where the denominator is 0. Only meaningful when the two modalities' labels index
+    one label space (after cross-modality association).
+    """
+    truth_v, labels_v = np.asarray(truth_v, dtype=np.int64), np.asarray(labels_v, dtype=np.int64)
+    truth_r, labels_r = np.asarray(truth_r, dtype=np.int64), np.asarray(labels_r, dtype=np.int64)
+    ids = np.unique(np.concatenate([truth_v, truth_r]))
+    tv, tr = np.searchsorted(ids, truth_v), np.searchsorted(ids, truth_r)
+    same_identity = float(np.dot(np.bincount(tv, minlength=ids.size), np.bincount(tr, minlength=ids.size)))
+    kv, kr = labels_v >= 0, labels_r >= 0
+    size = int(max(labels_v.max(initial=-1), labels_r.max(initial=-1))) + 1
+    same_label = float(np.dot(np.bincount(labels_v[kv], minlength=size), np.bincount(labels_r[kr], minlength=size)))
+    joint_v = np.bincount(labels_v[kv] * ids.size + tv[kv], minlength=size * ids.size)
+    joint_r = np.bincount(labels_r[kr] * ids.size + tr[kr], minlength=size * ids.size)
+    both = float(np.dot(joint_v, joint_r))
+    precision = both / same_label if same_label else float("nan")
+    recall = both / same_identity if same_identity else float("nan")
+    return precision, recall
+
+
 class MetricsLog:
     """Appends one JSON object per line to ``path`` and keeps the rows for plots."""
 

@@ -1,5 +1,11 @@
-"""The training engine: per epoch extract -> cluster per modality -> associate -> memories -> train -> evaluate ->
-checkpoint, with the method plug-in (:mod:`vireid_fast.methods`) supplying association, memories and losses."""
+"""The training engine: the epoch loop around a method plug-in (:mod:`vireid_fast.methods`).
+
+Per epoch: ``method.start_epoch`` -> extract both training sets -> ``method.pseudo_label`` -> ``method.build_memories``
+-> ``method.batch_sampler`` -> per iteration :meth:`Trainer.run_step` (``method.training_step``, one optimiser step,
+EMA update, ``method.after_step``) -> ``method.end_epoch`` -> evaluate -> checkpoint. The engine owns the loop, data,
+optimiser, checkpoints, evaluation and multi-process plumbing; the method owns its parameters, memories, association
+and losses and sees the engine only through its :class:`~vireid_fast.methods.MethodContext`.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +13,67 @@ import contextlib
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..data import INFRARED, MODALITIES, VISIBLE, IdentityBalancedSampler, ImageDataset, TestTransform, TrainTransform
-from ..methods import get_method
+from ..config import RESUMABLE_KEYS, flatten
+from ..data import ImageDataset, TestTransform, TrainTransform
+from ..methods import METHODS, Features, MethodContext, TrainBatch, count_clusters, get_method, jaccard_dbscan
+from ..modality import INFRARED, MODALITIES, VISIBLE, Modality
 from ..models import EMAEncoder, build_model, load_pretrained
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, load_checkpoint, prepare_output_dir, save_checkpoint
 from .data import build_test_set, open_dataset, resolve_root
-from .metrics import MetricsLog, adjusted_rand_index, normalized_mutual_info, plot_curves, results_table
+from .metrics import (
+    MetricsLog,
+    adjusted_rand_index,
+    cross_modality_pair_precision_recall,
+    normalized_mutual_info,
+    plot_curves,
+    results_table,
+)
 
-MODALITY_CODE = {VISIBLE: 0, INFRARED: 1}
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 2
+# Top-level keys of checkpoint_payload that load() reads (a checkpoint lacking one is refused, naming it).
+CHECKPOINT_KEYS = ("epoch", "config_hash", "method", "model", "optimizer", "scheduler", "method_state", "labels",
+                   "rng", "history")
+#: Per-epoch wall-time phases reported in every metrics row (``time/<phase>``), in order.
+PHASES = ("extract", "cluster", "associate", "memory", "train", "eval")
+
+__all__ = ["CHECKPOINT_NAME", "METHODS", "NonFiniteLossError", "PHASES", "TrainBatch", "Trainer"]
 
 
-@dataclass
-class TrainBatch:
-    """One iteration's data: uint8 images (B, 3, H, W) on the device, int64 pseudo-labels (B,), dataset indices."""
+class NonFiniteLossError(FloatingPointError):
+    """The total loss of an iteration is NaN or infinite; training stops (the message names epoch, iteration and
+    the loss terms)."""
 
-    visible_images: torch.Tensor
-    visible_labels: torch.Tensor
-    visible_indices: torch.Tensor
-    infrared_images: torch.Tensor
-    infrared_labels: torch.Tensor
-    infrared_indices: torch.Tensor
+
+class PhaseTimer:
+    """``with timer("cluster"):`` adds the block's wall time to ``totals["cluster"]``; a nested phase pauses its
+    parent, so each second is counted once."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self._stack: list[list] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        now = time.perf_counter()
+        if self._stack:
+            parent = self._stack[-1]
+            self.totals[parent[0]] += now - parent[1]
+        self.totals.setdefault(phase, 0.0)
+        self._stack.append([phase, now])
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            name, start = self._stack.pop()
+            self.totals[name] += end - start
+            if self._stack:
+                self._stack[-1][1] = end
 
 
 def _rng_state() -> dict:
@@ -55,23 +95,42 @@ class Trainer:
     """Builds everything from a validated :class:`vireid_fast.config.Config` and trains with :meth:`fit`.
 
     data_root overrides ``data.root``; resume: a checkpoint path (or True for ``output_dir/checkpoint.pt``);
-    log: the print function (only rank 0 prints).
+    log: the print function (only rank 0 prints); progress: progress bars (None = when the output is a terminal).
     """
 
     def __init__(self, config, data_root: str | None = None, resume: str | bool | None = None, log=print,
                  progress: bool | None = None):
         self.config = config
-        exp = config.experiment
+        self.progress = progress
+        self._setup_process(log)
+        self._setup_data(data_root)
+        self._setup_model()
+        self._setup_method()
+        self._setup_optimizer()
+        self.labels: dict[Modality, torch.Tensor] = {}
+        self.start_epoch = 0
+        self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"))
+        self.config_hash = config.hash()
+        if resume:
+            self.load(os.path.join(self.output_dir, CHECKPOINT_NAME) if resume is True else resume)
+        elif self.is_main and os.path.exists(self.metrics.path):
+            os.unlink(self.metrics.path)
+
+    # ------------------------------------------------------------------------------------------- set-up
+    def _setup_process(self, log) -> None:
+        exp = self.config.experiment
         want_cuda = exp.device == "cuda" or (exp.device == "auto" and torch.cuda.is_available())
         if exp.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("experiment.device=cuda but no CUDA device is available")
+            from ..config import ConfigError
+
+            raise ConfigError("experiment.device: cuda, but no CUDA device is available; use experiment.device=cpu "
+                              "(or auto)")
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if want_cuda else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.rank, self.world = distributed.init_from_env(self.device)
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
-        self.progress = progress
         if exp.threads:
             torch.set_num_threads(exp.threads)
         self._seed_everything(exp.seed)
@@ -81,29 +140,44 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        self.output_dir = exp.output_dir
-        os.makedirs(self.output_dir, exist_ok=True)
+        self.output_dir = prepare_output_dir(exp.output_dir)
 
+    def _setup_data(self, data_root: str | None) -> None:
+        config = self.config
         self.root = resolve_root(config, data_root, self.log) if self.is_main else None
         if self.world > 1:  # rank 0 may have generated the synthetic set; everyone waits, then opens it
             torch.distributed.barrier()
             self.root = resolve_root(config, data_root, self.log)
         self.dataset = open_dataset(config, self.root)
-        size = tuple(config.data.image_size)
+        size, d = tuple(config.data.image_size), config.data
+        images = {"size": size, "cache": d.cache_images, "max_pixels": d.max_image_pixels}
         self.train_sets = {
-            VISIBLE: ImageDataset(self.dataset.train_visible, size=size, cache=config.data.cache_images),
-            INFRARED: ImageDataset(self.dataset.train_infrared, size=size, cache=config.data.cache_images),
+            VISIBLE: ImageDataset(self.dataset.train_visible, skip_bad_images=d.skip_bad_images, **images),
+            INFRARED: ImageDataset(self.dataset.train_infrared, skip_bad_images=d.skip_bad_images, **images),
         }
         self.test_set = build_test_set(config, self.dataset, self.root)
-        self.test_images = {
-            "query": ImageDataset(self.test_set.query, size=size, cache=config.data.cache_images),
-            "gallery": ImageDataset(self.test_set.gallery, size=size, cache=config.data.cache_images),
-        }
+        if d.skip_bad_images:
+            self.test_set = self.test_set.without_bad_images(d.max_image_pixels, d.dataset, self.root)
+        self.test_images = {"query": ImageDataset(self.test_set.query, **images),
+                            "gallery": ImageDataset(self.test_set.gallery, **images)}
+        self.skipped_images = [f for s in self.train_sets.values() for f in s.skipped] + self.test_set.skipped
+        if self.skipped_images:
+            self.log(f"skipped {len(self.skipped_images)} unreadable image(s) (data.skip_bad_images): "
+                     + ", ".join(f"{p} ({r})" for p, r in self.skipped_images[:5])
+                     + (f", ... (+{len(self.skipped_images) - 5} more)" if len(self.skipped_images) > 5 else ""))
         self.log(f"dataset {config.data.dataset} at {self.root}: {len(self.train_sets[VISIBLE])} visible + "
                  f"{len(self.train_sets[INFRARED])} infrared training images; test: {len(self.test_set.query)} "
                  f"query, {len(self.test_set.gallery)} gallery ({self.test_set.protocol} protocol)")
+        t = config.train
+        self.augment = TrainTransform(size, padding=t.padding, flip_p=t.flip_p, erasing_p=t.erasing_p,
+                                      color_jitter=(0.4, 0.4, 0.4, 0.0) if t.color_jitter else None,
+                                      seed=config.experiment.seed)
+        self.augment_channel = TrainTransform(size, padding=t.padding, flip_p=t.flip_p, erasing_p=t.erasing_p,
+                                              channel_augmentation="exchange", seed=config.experiment.seed + 1)
+        self.test_transform = TestTransform(size)
 
-        m = config.model
+    def _setup_model(self) -> None:
+        m = self.config.model
         if m.arch == "agw_resnet50":
             model = build_model(m.arch, non_local=m.non_local, last_stride=m.last_stride, gem_p=m.gem_p)
         else:
@@ -117,33 +191,33 @@ class Trainer:
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.encoder, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ema = EMAEncoder(self.encoder, m.ema_beta) if m.use_ema else None
 
-        t = config.train
+    def _setup_method(self) -> None:
+        self.timer = PhaseTimer()
+        self._values: dict[str, list[float]] = {}
+        self.context = MethodContext(
+            model=self.model, encoder=self.encoder, device=self.device, config=self.config,
+            augment={"train": self.augment, "channel": self.augment_channel}, autocast=self.autocast,
+            gather=self.gather, extract=self.extract_training_sets, log=self.log, log_value=self._log_value,
+            timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth,
+            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed)
+        self.method = get_method(self.config.method.name)(self.config.method, self.context).to(self.device)
+        wants_ema = self.method.uses_ema or self.config.model.use_ema
+        self.ema = (EMAEncoder(self.encoder, self.config.model.ema_beta, copy_buffers=self.method.ema_copies_buffers)
+                    if wants_ema else None)
+        self.context.ema = self.ema
+
+    def _setup_optimizer(self) -> None:
+        t, exp = self.config.train, self.config.experiment
         params = [p for p in self.encoder.parameters() if p.requires_grad]
+        params += [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=t.step_size, gamma=t.gamma)
         self.scaler = torch.amp.GradScaler("cuda") if (self.device.type == "cuda" and exp.amp == "fp16") else None
 
-        self.augment = TrainTransform(size, padding=t.padding, flip_p=t.flip_p, erasing_p=t.erasing_p,
-                                      color_jitter=(0.4, 0.4, 0.4, 0.0) if t.color_jitter else None, seed=exp.seed)
-        self.augment_channel = TrainTransform(size, padding=t.padding, flip_p=t.flip_p, erasing_p=t.erasing_p,
-                                              channel_augmentation="exchange", seed=exp.seed + 1)
-        self.test_transform = TestTransform(size)
-
-        self.method = get_method(config.method.name)(config.method, self)
-        self.labels: dict[str, torch.Tensor] = {}
-        self.start_epoch = 0
-        self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"))
-        self.config_hash = config.hash()
-        if resume:
-            path = os.path.join(self.output_dir, CHECKPOINT_NAME) if resume is True else resume
-            self.load(path)
-        elif self.is_main and os.path.exists(self.metrics.path):
-            os.unlink(self.metrics.path)
-
     # ----------------------------------------------------------------------------------------------- utilities
-    def _seed_everything(self, seed: int) -> None:
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
@@ -156,6 +230,19 @@ class Trainer:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.gather(x)
+
+    def ground_truth(self) -> dict[Modality, np.ndarray]:
+        """True identities of the training images per modality, (N,) int64 in dataset order (metrics and the
+        supervised ceiling only)."""
+        return {m: np.array([r.pid for r in self.train_sets[m].records], dtype=np.int64) for m in MODALITIES}
+
+    def training_images(self, modality: Modality, indices) -> torch.Tensor:
+        """uint8 (B, 3, H, W) training images of ``modality`` at dataset ``indices``, on the device."""
+        dataset = self.train_sets[Modality.parse(modality)]
+        return torch.stack([dataset[int(i)][0] for i in indices]).to(self.device)
+
+    def _log_value(self, name: str, value) -> None:
+        self._values.setdefault(name, []).append(float(value))
 
     def _loader(self, dataset, **kwargs):
         return torch.utils.data.DataLoader(dataset, num_workers=self.config.data.num_workers,
@@ -170,40 +257,53 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- extraction
     @torch.no_grad()
-    def extract(self, dataset: ImageDataset, modality: str, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """(N, D) float32 L2-normalised features of ``dataset`` (average over the image and its flip), in dataset
-        order; in multi-process runs each rank extracts a shard and the result is assembled on every rank."""
+    def embed_dataset(self, dataset: ImageDataset, modality: Modality, model: torch.nn.Module | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Named embeddings (:meth:`Method.embed`) of every image of ``dataset`` on the CPU, in dataset order: the
+        image and its flip are summed, the method's ``normalized_embeddings`` L2-normalised. In multi-process runs
+        each rank embeds a shard and the result is assembled on every rank."""
         model = self.encoder if model is None else model
+        modality = Modality.parse(modality)
         was_training = model.training
         model.eval()
         indices = distributed.shard(len(dataset), self.rank, self.world)
         loader = self._loader(torch.utils.data.Subset(dataset, indices), batch_size=self.config.eval.batch_size,
                               shuffle=False)
-        parts = []
-        code = MODALITY_CODE[modality]
+        parts: dict[str, list[torch.Tensor]] = {}
         for images, _, _ in self._bar(loader, len(loader), f"extract {modality}"):
             x, x_flip = self.test_transform.views(images.to(self.device))
             with self.autocast():
-                f = model(x, code).float() + model(x_flip, code).float()
-            parts.append(torch.nn.functional.normalize(f, dim=1))
-        dim = self.encoder.feature_dim
-        local = torch.cat(parts) if parts else torch.empty(0, dim, device=self.device)
+                plain, flipped = self.method.embed(model, x, modality), self.method.embed(model, x_flip, modality)
+            for name in plain:
+                f = plain[name].float() + flipped[name].float()
+                if name in self.method.normalized_embeddings:
+                    f = torch.nn.functional.normalize(f, dim=1)
+                parts.setdefault(name, []).append(f)
         model.train(was_training)
-        return distributed.assemble(local, indices, len(dataset)).cpu()
+        if not parts:  # an empty shard still has to take part in the assembly with the right shapes
+            with torch.no_grad(), self.autocast():
+                probe = self.method.embed(model.eval(), torch.zeros(1, 3, *self.config.data.image_size,
+                                                                    device=self.device), modality)
+            model.train(was_training)
+            parts = {name: [v.float()[:0]] for name, v in probe.items()}
+        return {name: distributed.assemble(torch.cat(chunks), indices, len(dataset)).cpu()
+                for name, chunks in parts.items()}
+
+    def extract(self, dataset: ImageDataset, modality: Modality, model: torch.nn.Module | None = None
+                ) -> torch.Tensor:
+        """(N, D) float32 features (the method's ``"feature"`` embedding) of ``dataset`` in dataset order."""
+        return self.embed_dataset(dataset, modality, model)["feature"]
+
+    def extract_training_sets(self, encoder: torch.nn.Module | None = None) -> Features:
+        """Both training sets through :meth:`embed_dataset` (default encoder: ``method.feature_encoder()``)."""
+        encoder = self.method.feature_encoder() if encoder is None else encoder
+        return {m: self.embed_dataset(self.train_sets[m], m, encoder) for m in MODALITIES}
 
     # ------------------------------------------------------------------------------------------- clustering
     def cluster(self, features: torch.Tensor) -> torch.Tensor:
-        """(N,) int64 pseudo-labels (-1 = outlier) from k-reciprocal Jaccard + DBSCAN (rank 0, then broadcast)."""
-        from ..ops import dbscan, kreciprocal_jaccard
-
+        """(N,) int64 pseudo-labels (-1 = outlier) of one feature set with the config's Jaccard + DBSCAN."""
         c = self.config.cluster
-        n = features.shape[0]
-        labels = torch.full((n,), -1, dtype=torch.int64)
-        if self.is_main and n > 1:
-            k1 = min(c.k1, n - 1)
-            dist = kreciprocal_jaccard(features, k1=k1, k2=min(c.k2, k1), sparse=True)
-            labels = dbscan(dist, c.eps, c.min_samples).cpu()
-        return distributed.broadcast(labels)
+        return jaccard_dbscan(features, k1=c.k1, k2=c.k2, eps=c.eps, min_samples=c.min_samples)
 
     # ------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -211,14 +311,17 @@ class Trainer:
                  cmfp_k: int | None = None) -> dict:
         """Retrieval metrics (percent) averaged over the gallery trials: rank1, rank5, rank10, rank20, mAP, mINP.
 
-        Distances: cosine (``-q . g``); ``cmfp_k``: SALCR's cross-modality feature propagation over [query; gallery]
-        with k neighbours (:func:`vireid_fast.ops.cmfp_rerank`); ``rerank``: k-reciprocal re-ranking
+        model: the encoder to evaluate (default ``method.eval_encoder()``). Distances: cosine (``-q . g``);
+        ``cmfp_k``: SALCR's cross-modality feature propagation over [query; gallery] with k neighbours
+        (:func:`vireid_fast.ops.cmfp_rerank`); ``rerank``: k-reciprocal re-ranking
         (:func:`vireid_fast.eval.kreciprocal`, k1=20, k2=6, lambda=0.3) of the Euclidean distances.
         """
         from ..eval import evaluate
 
-        q = self.extract(self.test_images["query"], INFRARED if self._query_is_infrared() else VISIBLE, model)
-        g = self.extract(self.test_images["gallery"], VISIBLE if self._query_is_infrared() else INFRARED, model)
+        model = self.method.eval_encoder() if model is None else model
+        query_modality = INFRARED if self._query_is_infrared() else VISIBLE
+        q = self.extract(self.test_images["query"], query_modality, model)
+        g = self.extract(self.test_images["gallery"], query_modality.other, model)
         qs, gs = self.test_set.query, self.test_set.gallery
         q_pids = np.array([r.pid for r in qs])
         q_cams = np.array([r.camid for r in qs])
@@ -252,11 +355,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- checkpoints
     def checkpoint_payload(self, epoch: int) -> dict:
         return {
-            "format": 1, "epoch": epoch, "config_hash": self.config_hash, "config": self.config.to_dict(),
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "config_hash": self.config_hash,
+            "config": self.config.to_dict(),
             "method": self.config.method.name, "model": self.encoder.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "method_state": self.method.state(), "labels": {k: v.cpu() for k, v in self.labels.items()},
+            "method_state": self.method.state_dict(), "labels": {str(k): v.cpu() for k, v in self.labels.items()},
             "rng": _rng_state(), "history": self.metrics.rows,
         }
 
@@ -268,13 +372,11 @@ class Trainer:
         return path
 
     def load(self, path: str) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, required=CHECKPOINT_KEYS)
         if state.get("method") != self.config.method.name:
             raise CheckpointError(f"checkpoint {path} was trained with method {state.get('method')!r}, but this "
                                   f"config uses {self.config.method.name!r}; refusing to resume")
         if state.get("config_hash") != self.config_hash:
-            from ..config import RESUMABLE_KEYS, flatten
-
             old = flatten(state.get("config", {}))
             new = flatten(self.config.to_dict())
             changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
@@ -282,86 +384,120 @@ class Trainer:
                                   f"{self.config_hash}); differing keys: "
                                   + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:10])
                                   + "; refusing to resume")
+        check_state_dict(self.encoder.state_dict(), state["model"], "model", path)
         self.encoder.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
+            check_state_dict(self.ema.module.state_dict(), state["ema"], "ema", path)
             self.ema.module.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state(state["method_state"])
-        self.labels = dict(state["labels"])
-        self.metrics.rows = list(state["history"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.method.load_state_dict({k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                         for k, v in state["method_state"].items()})
+            self.labels = {Modality.parse(k): v for k, v in state["labels"].items()}
+            self.metrics.rows = list(state["history"])
+            _set_rng_state(state["rng"])
+            self.start_epoch = int(state["epoch"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as error:
+            raise CheckpointError(f"checkpoint {path}: its training state does not fit this trainer "
+                                  f"({type(error).__name__}: {error}); start a new run or use a checkpoint of this "
+                                  "version") from error
         if self.is_main:
             self.metrics.rewrite()
-        _set_rng_state(state["rng"])
-        self.start_epoch = int(state["epoch"])
         self.log(f"resumed from {path} after epoch {self.start_epoch}")
 
     # ------------------------------------------------------------------------------------------- training
+    def backward_step(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, backward ``loss`` (scaled under fp16 autocast) and step the optimiser."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+
+    def prepare_epoch(self, epoch: int, row: dict) -> dict[Modality, object] | None:
+        """Extraction, pseudo-labels, their quality against the truth (reported only), memories and the batch
+        samplers of epoch ``epoch`` (None: no training this epoch)."""
+        method = self.method
+        with self.timer("extract"):
+            features = self.extract_training_sets()
+        with self.timer("cluster"):
+            labels = method.pseudo_label(features)
+            labels = {m: distributed.broadcast(labels[m].cpu().to(torch.int64).contiguous()) for m in MODALITIES}
+        self.labels = labels
+        truth = self.ground_truth()
+        for m in MODALITIES:
+            lab = labels[m].numpy()
+            row[f"clusters/{m}"] = count_clusters(labels[m])
+            row[f"outliers/{m}"] = int((lab < 0).sum())
+            row[f"ari/{m}"] = adjusted_rand_index(truth[m], lab)
+            row[f"nmi/{m}"] = normalized_mutual_info(truth[m], lab)
+        if method.shared_label_space:
+            precision, recall = cross_modality_pair_precision_recall(truth[VISIBLE], labels[VISIBLE].numpy(),
+                                                                     truth[INFRARED], labels[INFRARED].numpy())
+            row["xmod/precision"], row["xmod/recall"] = precision, recall
+        with self.timer("memory"):
+            method.build_memories(features, labels)
+        del features
+        for m in MODALITIES:
+            self.train_sets[m].set_labels(labels[m].numpy())
+        return method.batch_sampler(labels, epoch)
+
+    def run_step(self, epoch: int, iteration: int, batch: TrainBatch) -> dict[str, float]:
+        """One iteration: the method's losses, a non-finite check, one optimiser step, the EMA update and
+        ``method.after_step``; returns the loss values (and their total) as floats."""
+        losses = self.method.training_step(batch)
+        total = sum(losses.values())
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        values["total"] = float(total.detach())
+        if not np.isfinite(values["total"]):
+            terms = ", ".join(f"{k}={v:.6g}" for k, v in values.items() if k != "total")
+            raise NonFiniteLossError(
+                f"epoch {epoch + 1}, iteration {iteration + 1}: the total loss is {values['total']} ({terms}); "
+                "training stopped before the optimiser step — lower train.lr, check the method's loss weights, or "
+                "resume from the last checkpoint with --resume")
+        self.backward_step(total)
+        if self.ema is not None:
+            self.ema.update(self.encoder)
+        self.method.after_step(iteration)
+        return values
+
     def run_epoch(self, epoch: int) -> dict:
         """One epoch (0-based ``epoch``); returns its metrics row (without evaluation)."""
         cfg = self.config
+        self.timer.totals = {}
+        self._values = {}
         row: dict = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
         self.method.start_epoch(epoch)
-        t0 = time.perf_counter()
-        features = {m: self.extract(self.train_sets[m], m) for m in MODALITIES}
-        t1 = time.perf_counter()
-        labels = {m: self.cluster(features[m]) for m in MODALITIES}
-        labels = self.method.associate(features, labels)
-        self.labels = labels
-        for m in MODALITIES:
-            lab = labels[m].numpy()
-            truth = np.array([r.pid for r in self.train_sets[m].records])
-            row[f"clusters/{m}"] = int(lab.max()) + 1 if (lab >= 0).any() else 0
-            row[f"outliers/{m}"] = int((lab < 0).sum())
-            row[f"ari/{m}"] = adjusted_rand_index(truth, lab)
-            row[f"nmi/{m}"] = normalized_mutual_info(truth, lab)
-        self.method.build_memories(features, labels)
-        t2 = time.perf_counter()
-
-        samplers = {}
-        for m in MODALITIES:
-            self.train_sets[m].set_labels(labels[m].numpy())
-            clusters = row[f"clusters/{m}"]
-            if clusters == 0:
-                self.log(f"epoch {epoch + 1}: no {m} clusters (all outliers); skipping training this epoch — "
-                         "raise cluster.eps or lower cluster.min_samples")
-                samplers = None
-                break
-            p = min(cfg.train.num_identities, clusters)
-            samplers[m] = IdentityBalancedSampler(labels[m].numpy(), p, cfg.train.num_instances,
-                                                  seed=cfg.experiment.seed * 7919 + MODALITY_CODE[m] + 2 * self.rank,
-                                                  num_batches=cfg.train.iters)
-            samplers[m].set_epoch(epoch)
+        samplers = self.prepare_epoch(epoch, row)
         sums: dict[str, float] = {}
-        if samplers is not None:
-            self.augment.reseed(cfg.experiment.seed * 1_000_003 + epoch)
-            self.augment_channel.reseed(cfg.experiment.seed * 1_000_003 + epoch + 500_009)
-            loaders = {m: self._loader(self.train_sets[m], batch_sampler=samplers[m]) for m in MODALITIES}
-            self.model.train()
-            steps = zip(loaders[VISIBLE], loaders[INFRARED], strict=True)
-            for (vi, vl, vx), (ii, il, ix) in self._bar(steps, cfg.train.iters, f"epoch {epoch + 1}"):
-                batch = TrainBatch(vi.to(self.device), vl.to(self.device), vx, ii.to(self.device),
-                                   il.to(self.device), ix)
-                losses = self.method.training_step(batch)
-                total = sum(losses.values())
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(total).backward()
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    total.backward()
-                    self.optimizer.step()
-                if self.ema is not None:
-                    self.ema.update(self.encoder)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                sums["total"] = sums.get("total", 0.0) + float(total.detach())
-        self.scheduler.step()
-        t3 = time.perf_counter()
+        with self.timer("train"):
+            if samplers is not None:
+                self.augment.reseed(cfg.experiment.seed * 1_000_003 + epoch)
+                self.augment_channel.reseed(cfg.experiment.seed * 1_000_003 + epoch + 500_009)
+                loaders = {m: self._loader(self.train_sets[m], batch_sampler=samplers[m]) for m in MODALITIES}
+                self.model.train()
+                self.method.train()
+                steps = zip(loaders[VISIBLE], loaders[INFRARED], strict=True)
+                for iteration, ((vi, vl, vx), (ii, il, ix)) in enumerate(
+                        self._bar(steps, cfg.train.iters, f"epoch {epoch + 1}")):
+                    batch = TrainBatch(vi.to(self.device), vl.to(self.device), vx, ii.to(self.device),
+                                       il.to(self.device), ix)
+                    for k, v in self.run_step(epoch, iteration, batch).items():
+                        sums[k] = sums.get(k, 0.0) + v
+            for module in (self.encoder, self.ema):
+                if module is not None:
+                    distributed.broadcast_buffers(module)
+            row.update(self.method.end_epoch(epoch))
+            self.scheduler.step()
         for k, v in sums.items():
             row[f"loss/{k}"] = v / cfg.train.iters
-        row.update({"time/extract": t1 - t0, "time/cluster": t2 - t1, "time/train": t3 - t2})
+        for k, v in self._values.items():
+            row[f"value/{k}"] = float(np.mean(v))
+        row.update({f"time/{phase}": self.timer.totals.get(phase, 0.0) for phase in PHASES if phase != "eval"})
         return row
 
     def fit(self) -> dict:
@@ -433,8 +569,10 @@ class Trainer:
                          f"ARI {row[f'ari/{m}']:.3f} NMI {row[f'nmi/{m}']:.3f}")
         if "mAP" in row:
             parts.append(f"Rank-1 {row['rank1']:.2f} mAP {row['mAP']:.2f} mINP {row['mINP']:.2f}")
-        parts.append("time extract {:.1f}s cluster {:.1f}s train {:.1f}s eval {:.1f}s".format(
-            row["time/extract"], row["time/cluster"], row["time/train"], row["time/eval"]))
+        if "xmod/precision" in row:
+            parts.append(f"cross-modality pairs: precision {row['xmod/precision']:.3f} recall "
+                         f"{row['xmod/recall']:.3f}")
+        parts.append("time " + " ".join(f"{phase} {row.get(f'time/{phase}', 0.0):.1f}s" for phase in PHASES))
         return " | ".join(parts)
 
     def report(self) -> str:
@@ -446,12 +584,12 @@ class Trainer:
         if "trained" in s:
             rows.append((f"trained (epoch {s['trained_epoch']})", s["trained"]))
         lines = [results_table(rows), "",
-                 f"{'epoch':>5}{'extract':>10}{'cluster':>10}{'train':>10}{'eval':>10}   "
+                 f"{'epoch':>5}" + "".join(f"{phase:>10}" for phase in PHASES) + "   "
                  f"{'clusters vis/ir':>16}{'outliers vis/ir':>17}{'ARI vis/ir':>14}{'NMI vis/ir':>14}"]
         for r in self.metrics.rows:
             if r.get("epoch", 0) > 0:
-                lines.append(f"{r['epoch']:>5}{r['time/extract']:>9.1f}s{r['time/cluster']:>9.1f}s"
-                             f"{r['time/train']:>9.1f}s{r['time/eval']:>9.1f}s   "
+                lines.append(f"{r['epoch']:>5}" + "".join(f"{r.get(f'time/{phase}', 0.0):>9.1f}s" for phase in PHASES)
+                             + "   "
                              f"{r['clusters/visible']:>9}/{r['clusters/infrared']:<6}"
                              f"{r['outliers/visible']:>10}/{r['outliers/infrared']:<6}"
                              f"{r['ari/visible']:>8.3f}/{r['ari/infrared']:<5.3f}"

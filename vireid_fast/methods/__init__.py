@@ -1,6 +1,20 @@
-"""Training methods as plug-ins of the engine (see :mod:`vireid_fast.methods.base`). Built in: ``dcl``."""
+"""Training methods as plug-ins of the engine (see :mod:`vireid_fast.methods.base`). Built in: ``dcl`` (ADCA's
+dual-contrastive baseline) and ``supervised`` (the ceiling: the same memory losses on true identities)."""
 
-from .base import METHODS, Method, cluster_means, get_method, register_method
+from .base import (
+           METHODS,
+           Features,
+           Labels,
+           Method,
+           MethodContext,
+           TrainBatch,
+           cluster_means,
+           get_method,
+           register_method,
+)
+from .clustering import count_clusters, jaccard_dbscan
 from .dcl import DCL
+from .supervised import Supervised
 
-__all__ = ["DCL", "METHODS", "Method", "cluster_means", "get_method", "register_method"]
+__all__ = ["DCL", "METHODS", "Features", "Labels", "Method", "MethodContext", "Supervised", "TrainBatch",
+           "cluster_means", "count_clusters", "get_method", "jaccard_dbscan", "register_method"]

@@ -1,30 +1,49 @@
 """The method plug-in interface of the engine.
 
-A method is a :class:`Method` subclass registered with ``@register_method("name")``. It declares its config keys as
-a ``Params`` dataclass (validated like every other section; keys live under ``method:``), and overrides the hooks
-the engine calls each epoch:
+A method is a :class:`Method` subclass (a ``torch.nn.Module``) registered with ``@register_method("name")``. It
+declares its config keys as a ``Params`` dataclass (validated like every other section; keys live under
+``method:``), owns its parameters, memories (buffers), association and losses, and sees the engine only through a
+:class:`MethodContext`. The engine calls, each epoch (0-based ``epoch``):
 
-1. :meth:`start_epoch` — schedule (progressive stages, loss weights by epoch);
-2. :meth:`associate` — after per-modality clustering: relabel or link clusters across modalities;
-3. :meth:`build_memories` — from the epoch's features and pseudo-labels (outliers -1 excluded);
-4. :meth:`training_step` — per iteration: losses from a visible and an infrared P×K batch.
+1. :meth:`Method.start_epoch` — schedule (progressive stages, loss weights by epoch);
+2. extraction of both training sets with :meth:`Method.feature_encoder`, each image and its flip through
+   :meth:`Method.embed` (a dict of named embeddings; the flip views are summed, the names in
+   ``normalized_embeddings`` L2-normalised);
+3. :meth:`Method.pseudo_label` — default: per-modality Jaccard + DBSCAN (:func:`jaccard_dbscan`), then
+   :meth:`Method.associate`;
+4. :meth:`Method.build_memories` — from the epoch's features and labels;
+5. :meth:`Method.batch_sampler` — the epoch's batches (default: identity-balanced P x K per modality);
+6. per iteration :meth:`Method.training_step` (losses, summed and stepped by the engine), then
+   :meth:`Method.after_step`;
+7. :meth:`Method.end_epoch` — extra values for the epoch's metrics row.
 
-Memories and any other per-run state go into :meth:`state` / :meth:`load_state` so checkpoints resume exactly.
+Parameters train with the encoder's (one optimiser), buffers and parameters are checkpointed with ``state_dict``
+(buffers are resized from the checkpoint: memories change size every epoch), and anything else that must survive a
+resume goes into ``get_extra_state``/``set_extra_state``. See docs/training.md for a worked example.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
-from ..config import spec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..engine.trainer import TrainBatch, Trainer
+from ..data.samplers import IdentityBalancedSampler
+from ..modality import INFRARED, MODALITIES, VISIBLE, Modality
+from ..schema import spec
+from .clustering import count_clusters, jaccard_dbscan
 
 METHODS: dict[str, type[Method]] = {}
+
+#: Per modality, the named embeddings of every training image in dataset order: ``features[VISIBLE]["feature"]``.
+Features = dict[Modality, dict[str, torch.Tensor]]
+#: Per modality, (N,) int64 pseudo-labels, -1 = outlier.
+Labels = dict[Modality, torch.Tensor]
 
 
 def register_method(name: str):
@@ -61,36 +80,166 @@ def cluster_means(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(sums / counts[:, None], dim=1).contiguous()
 
 
-class Method:
-    """Base class; see the module docstring for the hooks."""
+@dataclass
+class TrainBatch:
+    """One iteration's data: uint8 images (B, 3, H, W) on the device, int64 pseudo-labels (B,) on the device,
+    dataset indices (B,) int64 on the CPU."""
+
+    visible_images: torch.Tensor
+    visible_labels: torch.Tensor
+    visible_indices: torch.Tensor
+    infrared_images: torch.Tensor
+    infrared_labels: torch.Tensor
+    infrared_indices: torch.Tensor
+
+
+@dataclass
+class MethodContext:
+    """What a method sees of the engine (filled by the trainer; methods read it, they do not replace it).
+
+    model: the encoder to call in training steps (wrapped by DDP in multi-process runs: call it, never reach into
+    it); encoder: the same encoder unwrapped (parameters, ``feature_dim``); ema: the momentum encoder when the method
+    sets ``uses_ema`` (updated by the engine after every optimiser step), else None; config: the run's validated
+    config (read ``cluster``, ``train``, ``data``; methods keep their own keys in ``params``); augment: transforms by
+    name, ``"train"`` (the usual augmentation) and ``"channel"`` (channel exchange), each ``uint8 (B, 3, H, W) ->
+    float32 normalised``; autocast(): the run's autocast context; gather(x): the global batch in multi-process runs
+    (identity otherwise, gradients flow back); extract(encoder=None): the training sets' features through
+    :meth:`Method.embed` (:data:`Features`); log(msg); log_value(name, value): a per-iteration scalar averaged into
+    the epoch's row as ``value/<name>`` (e.g. a loss computed without gradient); timed(phase): a context manager adding
+    its wall time to ``time/<phase>`` of the epoch (nested phases are not double-counted); backward_step(loss):
+    backward and an optimiser step now (for methods that step more than once per iteration); images(modality,
+    indices): uint8 (B, 3, H, W) training images on the device (for batches a method draws itself, e.g. from a second
+    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them.
+    """
+
+    model: nn.Module
+    encoder: nn.Module
+    device: torch.device
+    config: Any
+    augment: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    gather: Callable[[torch.Tensor], torch.Tensor]
+    extract: Callable[..., Features]
+    log: Callable[..., None]
+    log_value: Callable[[str, float], None]
+    timed: Callable[[str], contextlib.AbstractContextManager]
+    backward_step: Callable[[torch.Tensor], None]
+    ground_truth: Callable[[], dict[Modality, np.ndarray]]
+    images: Callable[[Modality, Iterable[int]], torch.Tensor] | None = None
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
+    ema: nn.Module | None = field(default=None)
+
+
+class Method(nn.Module):
+    """Base class; see the module docstring for the hooks and their order."""
 
     name = "base"
+    #: The engine keeps a momentum (EMA) copy of the encoder in ``context.ema`` (``model.ema_beta``); may be set per
+    #: instance in ``__init__`` from ``params``.
+    uses_ema = False
+    #: False: the EMA encoder keeps the BatchNorm statistics of its own (train-mode) forwards instead of copying the
+    #: trained encoder's after every step.
+    ema_copies_buffers = True
+    #: Labels of the two modalities index the same identities (after association), so the cross-modality
+    #: pseudo-label precision/recall is meaningful and reported.
+    shared_label_space = False
+    #: Embeddings L2-normalised after the flip views are summed; ``"feature"`` is what evaluation and the default
+    #: clustering use.
+    normalized_embeddings: tuple[str, ...] = ("feature",)
 
     @dataclass
     class Params:
         name: str = spec("base", help="the registered method name")
 
-    def __init__(self, params, trainer: Trainer):
+    def __init__(self, params, context: MethodContext):
+        super().__init__()
         self.params = params
-        self.trainer = trainer
+        self.ctx = context
 
+    # ------------------------------------------------------------------------------------------- per epoch
     def start_epoch(self, epoch: int) -> None:
-        """Called before extraction each epoch (0-based ``epoch``)."""
+        """Called first each epoch (0-based ``epoch``)."""
 
-    def associate(self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-        """Pseudo-labels per modality after clustering -> the labels to train with (default: unchanged)."""
+    def feature_encoder(self) -> nn.Module:
+        """The encoder whose features are clustered and build the memories (default: the trained encoder)."""
+        return self.ctx.encoder
+
+    def eval_encoder(self) -> nn.Module:
+        """The encoder evaluated on the test set (default: the trained encoder)."""
+        return self.ctx.encoder
+
+    def embed(self, model: nn.Module, images: torch.Tensor, modality: Modality) -> dict[str, torch.Tensor]:
+        """Named (B, ...) float embeddings of a batch of normalised images: default ``{"feature": BNNeck output}``.
+        ``model`` accepts ``outputs=("stage3", "stage4", "pooled", "feature")`` for more than the embedding."""
+        return {"feature": model(images, modality)}
+
+    def pseudo_label(self, features: Features) -> Labels:
+        """(N,) int64 labels per modality (-1 = outlier): per-modality Jaccard + DBSCAN, then :meth:`associate`."""
+        c = self.ctx.config.cluster
+        with self.ctx.timed("cluster"):
+            labels = {m: jaccard_dbscan(features[m]["feature"], k1=c.k1, k2=c.k2, eps=c.eps,
+                                        min_samples=c.min_samples) for m in MODALITIES}
+        with self.ctx.timed("associate"):
+            return self.associate(features, labels)
+
+    def associate(self, features: Features, labels: Labels) -> Labels:
+        """Per-modality cluster labels -> the labels to train with (default: unchanged, two label spaces)."""
+        del features
         return labels
 
-    def build_memories(self, features: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+    def build_memories(self, features: Features, labels: Labels) -> None:
+        """Initialise the epoch's memories from the features and labels (default: none)."""
 
+    def batch_sampler(self, labels: Labels, epoch: int) -> dict[Modality, Iterable[list[int]]] | None:
+        """Per modality a batch sampler (lists of dataset indices, ``train.iters`` batches; the engine zips the two);
+        None skips training this epoch. Default: identity-balanced P x K batches per modality, P = min(P, clusters).
+        """
+        t, ctx = self.ctx.config.train, self.ctx
+        samplers = {}
+        for m in MODALITIES:
+            clusters = count_clusters(labels[m])
+            if clusters == 0:
+                ctx.log(f"epoch {epoch + 1}: no {m} clusters (all outliers); skipping training this epoch — raise "
+                        "cluster.eps or lower cluster.min_samples")
+                return None
+            sampler = IdentityBalancedSampler(labels[m].numpy(), min(t.num_identities, clusters), t.num_instances,
+                                              seed=ctx.seed * 7919 + m.code + 2 * ctx.rank, num_batches=t.iters)
+            sampler.set_epoch(epoch)
+            samplers[m] = sampler
+        return samplers
+
+    # ------------------------------------------------------------------------------------------- per iteration
     def training_step(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
-        """Losses of one iteration (summed by the engine): ``{"visible": loss, ...}``."""
-        raise NotImplementedError
+        """Losses of one iteration, by name (the engine sums them, steps and logs each as ``loss/<name>``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step(batch)")
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def after_step(self, iteration: int) -> None:
+        """After the optimiser step and the EMA update of iteration ``iteration`` (0-based within the epoch)."""
+
+    def end_epoch(self, epoch: int) -> dict[str, float]:
+        """After the epoch's last iteration: extra values for its metrics row."""
+        del epoch
         return {}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        del state
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, but buffers take the checkpoint's shape (memories change size every
+        epoch) and a buffer registered as None is filled from the checkpoint."""
+        for key, value in state_dict.items():
+            owner_name, _, leaf = key.rpartition(".")
+            try:
+                owner = self.get_submodule(owner_name) if owner_name else self
+            except AttributeError:
+                continue
+            if leaf in owner._buffers:
+                current = owner._buffers[leaf]
+                if current is None or current.shape != value.shape:
+                    device = current.device if current is not None else self.ctx.device
+                    owner._buffers[leaf] = torch.empty_like(value, device=device)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+__all__ = ["METHODS", "Features", "Labels", "Method", "MethodContext", "TrainBatch", "cluster_means", "get_method",
+           "register_method", "INFRARED", "VISIBLE"]

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import spec
+from ..modality import INFRARED, MODALITIES, VISIBLE
+from ..ops import memory_contrastive
+from ..schema import spec
 from .base import Method, cluster_means, register_method
 
 
@@ -35,43 +37,48 @@ class DCL(Method):
         infrared_weight: float = spec(1.0, min=0.0)
         augmented_weight: float = spec(1.0, min=0.0, help="weight of the channel-augmented visible stream")
 
-    def __init__(self, params, trainer):
-        super().__init__(params, trainer)
-        self.memories: dict[str, torch.Tensor] = {}
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        # (C_m, D) float32 cluster memories, rebuilt every epoch (checkpointed as memory_visible / memory_infrared).
+        self.register_buffer("memory_visible", None)
+        self.register_buffer("memory_infrared", None)
+
+    @property
+    def memories(self) -> dict[str, torch.Tensor]:
+        return {VISIBLE: self.memory_visible, INFRARED: self.memory_infrared}
 
     def build_memories(self, features, labels):
-        self.memories = {m: cluster_means(features[m], labels[m]).to(self.trainer.device) for m in features}
+        for m in MODALITIES:
+            setattr(self, f"memory_{m}", cluster_means(features[m]["feature"], labels[m]).to(self.ctx.device))
 
     def _loss(self, feats, targets, memory):
-        from ..ops import memory_contrastive
-
         return memory_contrastive(feats.float(), targets, memory, temp=self.params.temp,
                                   momentum=self.params.momentum, update=self.params.memory_update)
 
-    def training_step(self, batch):
-        trainer = self.trainer
-        x_vis = trainer.augment(batch.visible_images)
-        x_aug = trainer.augment_channel(batch.visible_images)
-        x_ir = trainer.augment(batch.infrared_images)
+    def encode_batch(self, batch):
+        """(visible, channel-augmented visible, infrared) embeddings of one batch, gathered over processes."""
+        ctx = self.ctx
+        x_vis = ctx.augment["train"](batch.visible_images)
+        x_aug = ctx.augment["channel"](batch.visible_images)
+        x_ir = ctx.augment["train"](batch.infrared_images)
         nv, ni = x_vis.shape[0], x_ir.shape[0]
         modality = torch.cat([torch.zeros(2 * nv, dtype=torch.long), torch.ones(ni, dtype=torch.long)])
-        with trainer.autocast():
-            feats = trainer.model(torch.cat([x_vis, x_aug, x_ir]), modality.to(x_vis.device))
+        with ctx.autocast():
+            feats = ctx.model(torch.cat([x_vis, x_aug, x_ir]), modality.to(x_vis.device))
         f_vis, f_aug, f_ir = feats[:nv], feats[nv:2 * nv], feats[2 * nv:]
-        y_vis, y_ir = batch.visible_labels, batch.infrared_labels
         # In multi-process runs every rank computes the loss over the global batch so the memories stay identical.
-        f_vis, f_aug, f_ir = trainer.gather(f_vis), trainer.gather(f_aug), trainer.gather(f_ir)
-        y_vis, y_ir = trainer.gather(y_vis), trainer.gather(y_ir)
+        return ctx.gather(f_vis), ctx.gather(f_aug), ctx.gather(f_ir)
+
+    def training_step(self, batch):
+        f_vis, f_aug, f_ir = self.encode_batch(batch)
+        y_vis, y_ir = self.ctx.gather(batch.visible_labels), self.ctx.gather(batch.infrared_labels)
+        return self.memory_losses(f_vis, f_aug, f_ir, y_vis, y_ir)
+
+    def memory_losses(self, f_vis, f_aug, f_ir, y_vis, y_ir) -> dict[str, torch.Tensor]:
+        """The weighted terms from (B, D) embeddings and (B,) labels of the three streams."""
         p = self.params
         return {
-            "visible": p.visible_weight * self._loss(f_vis, y_vis, self.memories["visible"]),
-            "augmented": p.augmented_weight * self._loss(f_aug, y_vis, self.memories["visible"]),
-            "infrared": p.infrared_weight * self._loss(f_ir, y_ir, self.memories["infrared"]),
+            "visible": p.visible_weight * self._loss(f_vis, y_vis, self.memory_visible),
+            "augmented": p.augmented_weight * self._loss(f_aug, y_vis, self.memory_visible),
+            "infrared": p.infrared_weight * self._loss(f_ir, y_ir, self.memory_infrared),
         }
-
-    def state(self):
-        return {f"memory_{m}": t.detach().cpu() for m, t in self.memories.items()}
-
-    def load_state(self, state):
-        self.memories = {k[len("memory_"):]: v.to(self.trainer.device).contiguous() for k, v in state.items()
-                         if k.startswith("memory_")}

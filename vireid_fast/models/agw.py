@@ -13,9 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..modality import Modality
 from .resnet import BLOCKS, Stem, init_weights, make_layer
 
-VISIBLE, INFRARED = 0, 1
+VISIBLE, INFRARED = Modality.VISIBLE.code, Modality.INFRARED.code
+#: What ``forward(..., outputs=...)`` can return: the stage-3 and stage-4 maps (B, C, h, w), the pooled feature and
+#: the BNNeck embedding (B, feature_dim).
+OUTPUTS = ("stage3", "stage4", "pooled", "feature")
 
 
 class NonLocal(nn.Module):
@@ -65,8 +69,10 @@ class TwoStreamResNet(nn.Module):
         the block expansion). stem_width: stem channels. non_local: blocks per stage followed by a non-local block
         (counted from the end of the stage; AGW: (0, 2, 3, 0)). last_stride: stride of stage 4 (1 in AGW).
         gem_p: GeM exponent (None: average pooling).
-    forward(images (B, 3, H, W) float32 normalised, modality (B,) int64 0 = visible / 1 = infrared, or one int for the
-    whole batch) -> (B, feature_dim) float32 BNNeck embeddings (``return_pooled=True``: (pooled, bnneck)).
+    forward(images (B, 3, H, W) float32 normalised, modality (B,) int64 0 = visible / 1 = infrared, or one int or
+    :class:`~vireid_fast.modality.Modality` for the whole batch) -> (B, feature_dim) float32 BNNeck embeddings
+    (``return_pooled=True``: (pooled, bnneck); ``outputs=("stage4", "feature")``: a dict of the named entries of
+    :data:`OUTPUTS`, so that wrappers such as DDP see one ``forward`` call).
     """
 
     def __init__(self, block: str = "bottleneck", layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width: int = 64,
@@ -104,6 +110,8 @@ class TwoStreamResNet(nn.Module):
         self.infrared_stem.load_state_dict(self.visible_stem.state_dict())
 
     def stems(self, images: torch.Tensor, modality) -> torch.Tensor:
+        if isinstance(modality, Modality):
+            modality = modality.code
         if isinstance(modality, int):
             return (self.visible_stem if modality == VISIBLE else self.infrared_stem)(images)
         if not isinstance(modality, torch.Tensor) or modality.shape != (images.shape[0],):
@@ -121,7 +129,13 @@ class TwoStreamResNet(nn.Module):
         out[~visible] = out_i
         return out
 
-    def forward(self, images: torch.Tensor, modality, return_pooled: bool = False):
+    def forward(self, images: torch.Tensor, modality, return_pooled: bool = False,
+                outputs: tuple[str, ...] | None = None):
+        if outputs is not None:
+            unknown = [name for name in outputs if name not in OUTPUTS]
+            if unknown:
+                raise ValueError(f"outputs: unknown entries {unknown}; choose from {', '.join(OUTPUTS)}")
+        maps = {}
         x = self.stems(images, modality)
         for stage in range(4):
             layer = getattr(self, f"layer{stage + 1}")
@@ -131,8 +145,13 @@ class TwoStreamResNet(nn.Module):
                 x = block(x)
                 if index in after:
                     x = nl_blocks[after.index(index)](x)
+            if stage >= 2:
+                maps[f"stage{stage + 1}"] = x
         pooled = self.pool(x) if self.pool is not None else F.adaptive_avg_pool2d(x, 1).flatten(1)
         feat = self.bnneck(pooled)
+        if outputs is not None:
+            found = {**maps, "pooled": pooled, "feature": feat}
+            return {name: found[name] for name in outputs}
         return (pooled, feat) if return_pooled else feat
 
 

@@ -12,14 +12,16 @@ class EMAEncoder(nn.Module):
     """A frozen copy of ``model`` whose parameters follow ``model`` by exponential moving average.
 
     ``update(model)`` after each optimiser step: parameters ``p_m <- beta p_m + (1 - beta) p``; buffers (BN running
-    statistics) are copied. ``forward`` runs the averaged copy (no gradients).
+    statistics) are copied unless ``copy_buffers=False`` (PCLHD: the momentum encoder keeps the statistics of its own
+    train-mode forwards). ``forward`` runs the averaged copy (no gradients).
     """
 
-    def __init__(self, model: nn.Module, beta: float = 0.999):
+    def __init__(self, model: nn.Module, beta: float = 0.999, copy_buffers: bool = True):
         super().__init__()
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = float(beta)
+        self.copy_buffers = bool(copy_buffers)
         self.module = copy.deepcopy(_unwrap(model))
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -29,8 +31,9 @@ class EMAEncoder(nn.Module):
         source = _unwrap(model)
         for mine, theirs in zip(self.module.parameters(), source.parameters(), strict=True):
             mine.mul_(self.beta).add_(theirs.detach(), alpha=1.0 - self.beta)
-        for mine, theirs in zip(self.module.buffers(), source.buffers(), strict=True):
-            mine.copy_(theirs)
+        if self.copy_buffers:
+            for mine, theirs in zip(self.module.buffers(), source.buffers(), strict=True):
+                mine.copy_(theirs)
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():

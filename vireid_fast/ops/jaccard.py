@@ -30,7 +30,8 @@ _registry.register("kreciprocal_jaccard", reference=kreciprocal_jaccard_ref, fak
 
 
 def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sparse: bool = False,
-                        modality: torch.Tensor | None = None, precision: str = "auto") -> torch.Tensor:
+                        modality: torch.Tensor | None = None, precision: str = "auto",
+                        metric: str = "ip") -> torch.Tensor:
     """k-reciprocal Jaccard distance between all rows of ``features``.
 
     Args:
@@ -43,6 +44,10 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
         modality: optional (N,) integer tensor of 0/1 (visible/infrared): PCLHD's modality-invariant query expansion
             (the mean of each modality's rows among R[i][:k2], then the mean of the modalities present).
         precision: the kNN candidate search (see :func:`vireid_fast.ops.knn`); the result does not depend on it.
+        metric: the order of the k1 nearest neighbours R[i]: ``"ip"`` (largest inner product first, the spec's order
+            for L2-normalised features) or ``"l2"`` (smallest squared Euclidean distance first, the order of the
+            community's faiss ``IndexFlatL2``; it differs from "ip" when the rows' norms differ). The encoding weights
+            are ``softmax(-(2 - 2 f_i.f_j))`` either way, as in the community code.
     Returns:
         (N, N) float32 dense tensor, or a :class:`SparseDistance` of that shape with float32 values and fill 1.0.
     """
@@ -50,6 +55,8 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
     n = features.shape[0]
     check_int("k1", k1, 1)
     check_int("k2", k2, 1)
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
     if k1 >= n:
         raise ValueError(f"k1={k1} must be smaller than the number of features N={n}; pass k1 <= {n - 1}")
     if k2 > k1:
@@ -64,7 +71,10 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
                              f"{modality.dtype}")
         mod = modality.to(device=feats.device, dtype=torch.int64).contiguous()
     # Nearest by inner product (the spec's order for L2-normalised features); the products are reused in step 4.
-    sim, rank = knn(feats, k1, metric="ip", precision=precision)
+    # By squared L2 the kNN values are distances, so the op recomputes the products itself (rank_sim=None).
+    sim, rank = knn(feats, k1, metric=metric, precision=precision)
+    if metric == "l2":
+        sim = None
     backend = _registry.choose_backend("kreciprocal_jaccard", feats.device)
     crow, col, values = _registry.run("kreciprocal_jaccard", backend, feats.device, feats, rank, sim, k2, mod)
     if sparse:

@@ -244,8 +244,9 @@ def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, 
     """k-reciprocal Jaccard distance (cluster-contrast ``compute_jaccard_distance``), in CSR form.
 
     Args:
-        features: (N, d) float32, L2-normalised.
-        initial_rank: (N, k1) int64, R[i] = the k1 nearest rows of ``features`` to row i, nearest first.
+        features: (N, d) float32, L2-normalised (or not, with an L2 order in ``initial_rank``).
+        initial_rank: (N, k1) int64, R[i] = the k1 nearest rows of ``features`` to row i, nearest first (by inner
+            product, or by squared L2 for ``metric="l2"``; the steps below only read this order).
         rank_sim: None or (N, k1) float32, ``f_i . f_R[i][t]`` (the kNN's inner products), used instead of
             recomputing those products in step 4.
         k2: query-expansion size, 1 <= k2 <= k1 (1 = no expansion).
