@@ -37,6 +37,14 @@ def finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf; clean the input (e.g. torch.nan_to_num) before calling")
 
 
+def not_nan(name: str, x: torch.Tensor, why: str) -> None:
+    """NaN refused, +-inf allowed (``why``: where infinite values legitimately come from)."""
+    if x.numel() == 0 or not x.is_floating_point() or not has_values(x):
+        return
+    if bool(torch.isnan(torch.amax(x.detach()))):  # amax propagates NaN
+        raise ValueError(f"{name} contains NaN ({why}); clean the input (e.g. torch.nan_to_num) before calling")
+
+
 def number(name: str, value, *, positive: bool = False, lower: float | None = None, upper: float | None = None,
            allow_inf: bool = False, what: str = "") -> float:
     """A float argument: a finite number (or +inf with ``allow_inf``) within the given bounds; ``what`` explains it."""
@@ -134,7 +142,8 @@ def check_kreciprocal_jaccard(features, initial_rank, rank_sim, k2, modality) ->
     finite("features", features)
     int_range("initial_rank", initial_rank, 0, n, "entries are row indices of features")
     if rank_sim is not None:
-        finite("rank_sim", rank_sim)
+        # knn's float32 scores of finite features beyond ~1.8e19 overflow to +-inf; the kernel recomputes them exactly
+        not_nan("rank_sim", rank_sim, "+-inf is accepted: knn returns it when float32 scores overflow")
     if modality is not None:
         int_range("modality", modality, 0, 2, "use 0 for visible and 1 for infrared")
 
