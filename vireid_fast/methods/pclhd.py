@@ -366,8 +366,8 @@ class PCLHD(Method):
         if self.dpcl_active:
             dyn = self.dpcl_loss(f_vis, y_vis, f_ir, y_ir, inputs)
             ctx.log_value("dpcl", float(dyn.detach()))
-            if dyn.requires_grad:
-                weight = 1.0 - p.lambda_hard if p.stage2_loss == "paper" else p.dpcl_weight
+            weight = 1.0 - p.lambda_hard if p.stage2_loss == "paper" else p.dpcl_weight
+            if dyn.requires_grad and weight > 0:
                 losses["dpcl"] = weight * dyn
         return losses
 
