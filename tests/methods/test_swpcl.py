@@ -168,3 +168,87 @@ def test_update_modes(mode):
     assert torch.equal(memory.bank[1], before[1])
     assert torch.equal(memory.bank[0], before[0]) == (mode == "none")
     assert torch.equal(memory.weights, weights) == (mode != "centroid_only")  # s and w follow the centroid
+
+
+# ---------------------------------------------------------------------------------------------------- the method
+from .test_pclhd import batch, make_method, prepare  # noqa: E402
+
+
+def test_lambda_schedule():
+    method, _, _ = make_method(name="swpcl")
+    lams = []
+    for epoch in range(5):
+        method.start_epoch(epoch)
+        lams.append(method.sw_lambda_e)
+    assert lams == [0.0, 0.0, 0.5, 0.5, 0.5]
+    ramp, _, _ = make_method("method.sw_ramp_epochs=10", name="swpcl")
+    got = []
+    for epoch in range(2, 15):
+        ramp.start_epoch(epoch)
+        got.append(ramp.sw_lambda_e)
+    assert got == pytest.approx([0.05 * i for i in range(1, 11)] + [0.5] * 3)
+    flat, _, _ = make_method("method.progressive=false", name="swpcl")
+    flat.start_epoch(0)
+    assert flat.sw_lambda_e == 0.5 and not flat.ema_active  # the EMA still starts at stage 2
+    off, _, _ = make_method("method.sp=false", name="swpcl")
+    off.start_epoch(3)
+    assert off.sw_lambda_e == 0.0
+    with pytest.raises(ValueError, match="method.hpcl"):
+        make_method("method.hpcl=true", name="swpcl")
+
+
+def test_stage1_is_two_centroid_terms():
+    method, feats, _ = make_method(name="swpcl")
+    prepare(method, feats, 0)
+    cms = {m: getattr(method, f"soft_{m}").centroids.clone().double() for m in ("visible", "infrared")}
+    captured = {}
+    original = method._encode
+    method._encode = lambda *a: captured.setdefault("f", original(*a))
+    losses = method.training_step(batch())
+    f_vis, f_ir, _ = captured["f"]
+    assert set(losses) == {"infrared", "visible"}
+    assert losses["infrared"].item() == pytest.approx(
+        literal_ce(f_ir.detach().double(), [1, 1, 0, 0], cms["infrared"], 0.05).item(), rel=1e-6)
+    assert losses["visible"].item() == pytest.approx(
+        literal_ce(f_vis.detach().double(), [0, 0, 2, 2] * 2, cms["visible"], 0.05).item(), rel=1e-6)
+    assert "dpcl" not in method.ctx.logged_values
+
+
+@pytest.mark.parametrize("epoch,target", [(2, "infrared"), (3, "visible")])
+def test_stage2_cross_term_and_ema(epoch, target):
+    method, feats, _ = make_method("method.cross_updates_bank=none", name="swpcl")
+    prepare(method, feats, epoch)
+    assert method.eval_encoder() is method.ctx.ema.module
+    bn = method.ctx.ema.module.bnneck.running_mean.clone()
+    before = {m: getattr(method, f"soft_{m}").bank.clone() for m in ("visible", "infrared")}
+    # only the cross call touches the target bank when the intra call of that modality is removed
+    other = "visible" if target == "infrared" else "infrared"
+    losses = method.training_step(batch())
+    assert set(losses) == {"infrared", "visible", "cross"}
+    assert not torch.equal(method.ctx.ema.module.bnneck.running_mean, bn)
+    losses["cross"].backward()
+    assert torch.equal(getattr(method, f"soft_{target}").bank, before[target])
+    assert torch.equal(getattr(method, f"soft_{other}").bank, before[other])
+    method2, feats2, _ = make_method(name="swpcl")
+    prepare(method2, feats2, epoch)
+    before = getattr(method2, f"soft_{target}").bank.clone()
+    method2.training_step(batch())["cross"].backward()
+    assert not torch.equal(getattr(method2, f"soft_{target}").bank, before)
+
+
+def test_ablation_rows():
+    base, feats, _ = make_method("method.sp=false", name="swpcl")
+    prepare(base, feats, 2)
+    full, feats2, _ = make_method(name="swpcl")
+    prepare(full, feats2, 2)
+    a, b = base.training_step(batch()), full.training_step(batch())
+    assert set(a) == set(b) == {"infrared", "visible", "cross"}
+    assert a["infrared"].item() != pytest.approx(b["infrared"].item())
+    with_dpcl, feats3, _ = make_method("method.dpcl=true", name="swpcl")
+    prepare(with_dpcl, feats3, 2)
+    with_dpcl.training_step(batch())
+    assert "dpcl" in with_dpcl.ctx.logged_values
+    no_ema, feats4, _ = make_method("method.ema=false", name="swpcl")
+    prepare(no_ema, feats4, 2)
+    assert no_ema.ctx.ema is None and no_ema.eval_encoder() is no_ema.ctx.encoder
+    no_ema.training_step(batch())

@@ -155,6 +155,16 @@ class PCLHD(Method):
         return bool(self.params.dpcl) and (self.stage == 2 or not self.params.progressive)
 
     @property
+    def ema_start(self) -> int:
+        """Global epoch at which phi_m is (re)started from phi_o."""
+        return self.params.stage1_epochs if self.params.progressive else 0
+
+    @property
+    def ema_active(self) -> bool:
+        """phi_m runs its train-mode forward each iteration and is the evaluated model."""
+        return self.dpcl_active
+
+    @property
     def stage2_losses(self) -> bool:
         """Hard/dynamic (stage-2) loss forms in use: stage 2, or from epoch 0 without the progressive schedule."""
         return self.stage == 2 or not self.params.progressive
@@ -168,13 +178,12 @@ class PCLHD(Method):
         self.epoch = epoch
         self.stage = 1 if epoch < p.stage1_epochs else 2
         self._epoch_info = {"stage": float(self.stage)}
-        start = p.stage1_epochs if p.progressive else 0
-        if self.uses_ema and epoch == start and self.ctx.ema is not None:
+        if self.uses_ema and epoch == self.ema_start and self.ctx.ema is not None:
             # stage 2 starts phi_m from the stage-1 model (parameters and BatchNorm statistics)
             self.ctx.ema.module.load_state_dict(self.ctx.encoder.state_dict())
 
     def eval_encoder(self):
-        return self.ctx.ema.module if self.dpcl_active and self.ctx.ema is not None else self.ctx.encoder
+        return self.ctx.ema.module if self.ema_active and self.ctx.ema is not None else self.ctx.encoder
 
     def embed(self, model, images, modality):
         out = model(images, modality)
@@ -212,6 +221,11 @@ class PCLHD(Method):
         return labels
 
     def build_memories(self, features, labels):
+        self.build_intra_memories(features, labels)
+        self.build_extra_memories(features, labels)
+
+    def build_intra_memories(self, features, labels):
+        """The per-modality banks: hybrid (hpcl) or centroid rows."""
         p, device = self.params, self.ctx.device
         for m in MODALITIES:
             feats, lab = features[m]["mean"], labels[m]
@@ -227,6 +241,10 @@ class PCLHD(Method):
                 getattr(self, f"hybrid_{m}").features = torch.cat([centres, hard]).to(device)
             else:
                 setattr(self, f"centroid_{m}", centres.to(device))
+
+    def build_extra_memories(self, features, labels):
+        """Dynamic banks (DPCL active) and the all-modality bank with its lists (stage 2, branch on)."""
+        p, device = self.params, self.ctx.device
         if self.dpcl_active:
             with self.ctx.timed("extract_ema"):
                 ema_features = self.ctx.extract(encoder=self.ctx.ema.module)
@@ -331,10 +349,10 @@ class PCLHD(Method):
                                       momentum=p.memory_momentum, update="hard")
         return self._hybrid(getattr(self, f"hybrid_{target}"), feats, targets, p.cross_form)
 
-    def dpcl_loss(self, f_vis, y_vis, f_ir, y_ir, inputs) -> torch.Tensor:
-        """DPCL over both modalities (infrared call first). The EMA encoder always runs its train-mode forward (its
-        BatchNorm statistics come only from it); queries are its features (no gradient) or the online ones."""
-        ctx, p = self.ctx, self.params
+    def ema_forward(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_m on the step's images in train mode under no-grad: (visible rows, infrared rows). It runs every
+        iteration while phi_m is active, DPCL inert or not: its BatchNorm statistics come only from it (Q7)."""
+        ctx = self.ctx
         images, modality, nv = inputs
         module = ctx.ema.module
         was_training = module.training
@@ -342,7 +360,12 @@ class PCLHD(Method):
         with torch.no_grad(), ctx.autocast():
             q = module(images, modality).float()
         module.train(was_training)
-        q_vis, q_ir = ctx.gather(q[: 2 * nv]), ctx.gather(q[2 * nv:])
+        return ctx.gather(q[: 2 * nv]), ctx.gather(q[2 * nv:])
+
+    def dpcl_loss(self, f_vis, y_vis, f_ir, y_ir, q_vis, q_ir) -> torch.Tensor:
+        """DPCL over both modalities (infrared call first); queries are phi_m's features (no gradient, default) or
+        the online ones, the dynamic rows written (option) are phi_m's."""
+        p = self.params
         if p.dpcl_query == "ema":
             with torch.no_grad():
                 return (self.dynamic_infrared(q_ir, y_ir, F.normalize(q_ir, dim=1))
@@ -363,8 +386,9 @@ class PCLHD(Method):
             cross = self.cross_loss(f_vis, y_vis, f_ir, y_ir)
             if cross is not None:
                 losses["cross"] = p.cross_weight * cross
+        q = self.ema_forward(inputs) if self.ema_active else None
         if self.dpcl_active:
-            dyn = self.dpcl_loss(f_vis, y_vis, f_ir, y_ir, inputs)
+            dyn = self.dpcl_loss(f_vis, y_vis, f_ir, y_ir, *q)
             ctx.log_value("dpcl", float(dyn.detach()))
             weight = 1.0 - p.lambda_hard if p.stage2_loss == "paper" else p.dpcl_weight
             if dyn.requires_grad and weight > 0:
