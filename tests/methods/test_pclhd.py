@@ -453,3 +453,59 @@ def test_paper_preset_stage_totals():
     method3, feats3, _ = make_method("method.lambda_hard=1.0", name="pclhd_paper")
     prepare(method3, feats3, 2)
     assert "dpcl" not in method3.training_step(batch())  # lambda = 1 removes DPCL exactly
+
+
+# ---------------------------------------------------------------------------------------------------- in the engine
+from tests.engine.tiny import tiny_config, tiny_root  # noqa: E402
+
+ENGINE = ("method.stage1_epochs=1", "method.dpcl_instances=2", "method.all_k1=6", "method.all_k2=2",
+          "eval.eval_untrained=false", "cluster.eps=0.8")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_root(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", ["pclhd", "pclhd_paper", "swpcl"])
+def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch, name):
+    import json
+
+    from vireid_fast.engine.trainer import Trainer
+
+    def quiet(*args, **kwargs):
+        pass
+
+    overrides = (f"method.name={name}", *ENGINE, "train.epochs=3")
+    full = Trainer(tiny_config(str(tmp_path / "full"), *overrides), data_root=tiny, log=quiet, progress=False)
+    full.fit()
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert [r["stage"] for r in rows if "stage" in r] == [1.0, 2.0, 2.0]
+    assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
+    if name == "pclhd":  # stage 2 ran its second optimiser step on the all-modality clusters
+        assert "loss/all_visible" in rows[-1] and "value/step_a/cross" in rows[-1] and "value/dpcl" in rows[-1]
+    killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
+    original = Trainer.run_epoch
+
+    def die_in_epoch_three(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "run_epoch", die_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    monkeypatch.setattr(Trainer, "run_epoch", original)
+    torch.manual_seed(999)
+    resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
+                      resume=True)
+    resumed.fit()
+    for a, b in ((full.encoder, resumed.encoder), (full.method, resumed.method)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key
+    if full.ema is not None:
+        for key, value in full.ema.module.state_dict().items():
+            assert torch.equal(value, resumed.ema.module.state_dict()[key]), key

@@ -149,6 +149,14 @@ class PCLHD(Method):
         self._all_lists = None
         self._epoch_info: dict[str, float] = {}
 
+    def get_extra_state(self):
+        # the dynamic-bank draws continue the same random stream after a resume
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        if state and "generator" in state:
+            self.generator.set_state(state["generator"])
+
     # ----------------------------------------------------------------------------------------------- schedule
     @property
     def dpcl_active(self) -> bool:
