@@ -252,3 +252,21 @@ def test_ablation_rows():
     prepare(no_ema, feats4, 2)
     assert no_ema.ctx.ema is None and no_ema.eval_encoder() is no_ema.ctx.encoder
     no_ema.training_step(batch())
+
+
+def test_degenerate_shapes_stay_finite():
+    one = SoftPrototypeMemory(4, num_prototypes=1)
+    one.build(torch.randn(3, 4), torch.tensor([0, 0, 0]))  # C = 1: no negatives
+    x = torch.randn(5, 4, requires_grad=True)
+    loss = one(x, torch.zeros(5, dtype=torch.int64), lam=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    small = SoftPrototypeMemory(4, num_prototypes=8)
+    small.build(torch.randn(7, 4), torch.tensor([0, 1, 1, 2, 2, 2, -1]))  # clusters smaller than K
+    x = torch.randn(13, 4, requires_grad=True)
+    loss = small(x, torch.tensor([0, 1, 2, 2, 2, 1, 0, 0, 1, 2, 1, 0, 2]), lam=0.5)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(small.weights.sum(1), torch.ones(3))
+    # slots valid after the update: max(members at build, batch rows of the class) capped at K
+    assert small.mask.sum(1).tolist() == [4, 4, 5]
