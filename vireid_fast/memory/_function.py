@@ -68,3 +68,21 @@ def first_argmin_per_group(values: torch.Tensor, groups: torch.Tensor, num_group
     candidates = torch.where(values == minima[groups], positions, values.shape[0])
     first = torch.full((num_groups,), values.shape[0], dtype=torch.int64, device=values.device)
     return first.scatter_reduce(0, groups, candidates, reduce="amin")
+
+
+def lowest_k_mean_per_group(x: torch.Tensor, values: torch.Tensor, groups: torch.Tensor, num_groups: int,
+                            k: int) -> torch.Tensor:
+    """(num_groups, D) mean of the rows of ``x`` (B, D) holding the k smallest ``values`` of each group (all of the
+    group's rows if it has fewer; first in batch order on ties). k = 1 is exactly the row of
+    :func:`first_argmin_per_group`."""
+    if k == 1:
+        return x[first_argmin_per_group(values, groups, num_groups)]
+    order = torch.sort(values, stable=True).indices
+    order = order[torch.sort(groups[order], stable=True).indices]  # by group, then value, then batch position
+    sorted_groups = groups[order]
+    starts = torch.searchsorted(sorted_groups, torch.arange(num_groups, device=groups.device))
+    rank = torch.arange(order.numel(), device=groups.device) - starts[sorted_groups]
+    keep = order[rank < k]
+    sums = torch.zeros(num_groups, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, groups[keep], x[keep])
+    counts = torch.bincount(groups[keep], minlength=num_groups).clamp(min=1).to(x.dtype)
+    return sums / counts[:, None]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.memory_contrastive import memory_update
-from ._function import MemoryLogits, check_memory_inputs, first_argmin_per_group, momentum_step_
+from ._function import MemoryLogits, check_memory_inputs, lowest_k_mean_per_group, momentum_step_
 
 __all__ = ["DynamicMemory", "HybridMemory", "MultiCentreMemory"]
 
@@ -32,42 +32,69 @@ class HybridMemory(nn.Module):
     similar to p (argmin of ``x . p``, first in batch order on ties), ``features[y + C] <- normalize(μ features[y + C]
     + (1 - μ) x_hard)``.
 
+    Options (paper-vs-code, PCLHD spec §3.1): ``centroid_update="sequential"`` updates the mean prototype once per
+    sample in batch order (cluster-contrast) instead of once with the batch mean; ``hard_update="sequential"`` feeds
+    every member to the hard prototype in batch order (paper Eq. 14-15) instead of only the least similar one;
+    ``hard_k`` > 1 uses the mean of the k least similar members (paper Fig. 2b).
+
     Args:
         num_features: D. num_samples: C (clusters). temp: τ. momentum: μ in [0, 1). margin: of the official loss.
     forward(inputs (B, D) float, targets (B,) int64 in [0, C)) -> loss ().
     """
 
     def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
-                 loss: str = "official", margin: float = 0.2):
+                 loss: str = "official", margin: float = 0.2, centroid_update: str = "batch_mean",
+                 hard_update: str = "hardest", hard_k: int = 1):
         super().__init__()
         if loss not in ("official", "paper"):
             raise ValueError(f"loss must be 'official' or 'paper', got {loss!r}")
         if not 0.0 <= momentum < 1.0 or not temp > 0:
             raise ValueError(f"need temp > 0 and momentum in [0, 1), got temp={temp}, momentum={momentum}")
+        if centroid_update not in ("batch_mean", "sequential"):
+            raise ValueError(f"centroid_update must be 'batch_mean' or 'sequential', got {centroid_update!r}")
+        if hard_update not in ("hardest", "sequential"):
+            raise ValueError(f"hard_update must be 'hardest' or 'sequential', got {hard_update!r}")
+        if int(hard_k) < 1:
+            raise ValueError(f"hard_k must be >= 1, got {hard_k!r}")
         self.num_features, self.temp, self.momentum, self.loss, self.margin = num_features, temp, momentum, loss, margin
+        self.centroid_update, self.hard_update, self.hard_k = centroid_update, hard_update, int(hard_k)
+        #: False: forward computes the logits but backward leaves ``features`` unchanged (read-only use).
+        self.update_rows = True
         self.register_buffer("features", torch.zeros(2 * num_samples, num_features))
 
     def _update(self, x: torch.Tensor, targets: torch.Tensor) -> None:
         features = self.features
         classes = features.shape[0] // 2
         labels, inverse = torch.unique(targets, return_inverse=True)
-        counts = torch.bincount(inverse, minlength=labels.numel()).to(x.dtype)
-        means = torch.zeros(labels.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-        means /= counts[:, None]
-        sims = (x * features[labels][inverse]).sum(1)  # against the mean prototypes before the update
-        hard = x[first_argmin_per_group(sims, inverse, labels.numel())]
-        momentum_step_(features, labels, means, self.momentum)
-        momentum_step_(features, labels + classes, hard, self.momentum)
+        sims = (x * features[targets]).sum(1)  # against the mean prototypes before the update
+        if self.hard_update == "hardest":
+            hard = lowest_k_mean_per_group(x, sims, inverse, labels.numel(), self.hard_k)
+        if self.centroid_update == "batch_mean":
+            counts = torch.bincount(inverse, minlength=labels.numel()).to(x.dtype)
+            means = torch.zeros(labels.numel(), x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+            momentum_step_(features, labels, means / counts[:, None], self.momentum)
+        else:
+            memory_update(x, targets, features, momentum=self.momentum, update="sequential", normalized=True)
+        if self.hard_update == "hardest":
+            momentum_step_(features, labels + classes, hard, self.momentum)
+        else:
+            memory_update(x, targets + classes, features, momentum=self.momentum, update="sequential",
+                          normalized=True)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def terms(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE over the mean prototypes, CE over the hard prototypes), each a () batch mean; one memory update in
+        backward when either is differentiated."""
         if self.features.shape[0] % 2:
             raise ValueError(f"features must have 2C rows (mean then hard prototypes), got {self.features.shape[0]}")
         classes = self.features.shape[0] // 2
         targets = check_memory_inputs(inputs, targets, self.num_features, classes)
         x = F.normalize(inputs.to(self.features.dtype), dim=1)
-        logits = MemoryLogits.apply(x, self.features, partial(self._update, targets=targets)) / self.temp
-        ce_mean = F.cross_entropy(logits[:, :classes], targets)
-        ce_hard = F.cross_entropy(logits[:, classes:], targets)
+        update = partial(self._update, targets=targets) if self.update_rows else None
+        logits = MemoryLogits.apply(x, self.features, update) / self.temp
+        return F.cross_entropy(logits[:, :classes], targets), F.cross_entropy(logits[:, classes:], targets)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ce_mean, ce_hard = self.terms(inputs, targets)
         if self.loss == "official":
             return 0.5 * (ce_hard + F.relu(ce_mean - self.margin))
         return ce_mean + ce_hard
@@ -94,6 +121,8 @@ class DynamicMemory(nn.Module):
         if num_instances < 1 or not temp > 0:
             raise ValueError(f"need num_instances >= 1 and temp > 0, got {num_instances}, {temp}")
         self.num_features, self.num_instances, self.temp, self.generator = num_features, num_instances, temp, generator
+        #: False: backward leaves ``features`` unchanged (PCLHD's official code never updates its dynamic bank).
+        self.update_rows = True
         self.register_buffer("features", torch.zeros(num_instances * num_samples, num_features))
 
     def _update(self, x: torch.Tensor, targets: torch.Tensor, written: torch.Tensor) -> None:
@@ -126,7 +155,8 @@ class DynamicMemory(nn.Module):
             if update_features.shape[0] != inputs.shape[0]:
                 raise ValueError("update_features must have one row per input")
             written = update_features.detach()
-        logits = MemoryLogits.apply(x, self.features, partial(self._update, targets=targets, written=written))
+        update = partial(self._update, targets=targets, written=written) if self.update_rows else None
+        logits = MemoryLogits.apply(x, self.features, update)
         chunks = (logits / self.temp).view(-1, self.num_instances, classes)
         positive = chunks.min(dim=1).values
         negative = chunks.max(dim=1).values
