@@ -59,9 +59,9 @@ def test_pool_is_disjoint_from_every_demo_identity():
 def test_tiny_pretrain_is_bit_identical_and_leaves_the_rng_alone(tmp_path, monkeypatch):
     config = pt.make_config(TINY)
     states, files = [], []
-    for run in ("a", "b"):
+    for run, global_seed in (("a", 123), ("b", 456)):  # the weights must not depend on the caller's RNG state
         monkeypatch.setenv("VIREID_CACHE", str(tmp_path / run))
-        torch.manual_seed(123)
+        torch.manual_seed(global_seed)
         before = torch.get_rng_state()
         result = pt.pretrain(config, log=quiet, progress=False)
         assert torch.equal(torch.get_rng_state(), before)
@@ -103,8 +103,9 @@ def test_shipped_checkpoint_matches_its_record_and_the_current_code(monkeypatch)
     assert config.model.pretrained == "synthetic"
     recipe = pt.config_for_model(model, size)
     path, record = shipped_record(recipe.hash())
+    regenerate = recipe.command("vireid_fast/models/pretrained/<name>.pth")
     assert record is not None, (f"no shipped checkpoint records config hash {recipe.hash()} (the demo's pretraining "
-                                f"changed?); regenerate it: {recipe.command('vireid_fast/models/pretrained/<name>.pth')}")
+                                f"changed?); regenerate it: {regenerate}")
     assert os.path.getsize(path) < 2_000_000
     assert pt.sha256_file(path) == record["sha256"]
     assert record["config"] == recipe.to_dict() and record["threads"] == recipe.threads
@@ -141,3 +142,17 @@ def test_cli_pretrain_writes_weights_and_record(tmp_path, monkeypatch, capsys):
     assert f"weights: {out}" in capsys.readouterr().out
     assert main(["pretrain", "epochs=zero"]) == 2
     assert "pretrain epochs='zero'" in capsys.readouterr().err
+
+
+def test_keyword_generates_on_first_use_then_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIREID_CACHE", str(tmp_path))
+    monkeypatch.setattr(pt, "SYNTHETIC_RECIPE", {"ids": 6, "size": "tiny", "epochs": 1, "batch_size": 8})
+    model = build_model("small_resnet", widths=(8, 16, 16, 32))
+    report = load_pretrained(model, "synthetic", verbose=False, image_size=(32, 16), log=quiet)
+    expected = pt.config_for_model(model, (32, 16))
+    assert expected.ids == 6 and expected.widths == [8, 16, 16, 32]
+    assert report.path == pt.cached_path(expected) and os.path.isfile(report.path)
+    monkeypatch.setattr(pt, "train_encoder", lambda *a, **k: pytest.fail("retrained a cached config"))
+    again = build_model("small_resnet", widths=(8, 16, 16, 32))
+    assert load_pretrained(again, "synthetic", verbose=False, image_size=(32, 16), log=quiet).path == report.path
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
