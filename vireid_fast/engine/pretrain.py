@@ -381,7 +381,7 @@ SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # augmentation, leaves the first-epoch infrared ARI at 0.08-0.18; adding the pool's infrared images as classes of
 # their own lifts it to 0.32 while the untrained cross-modality mAP stays near the visible-only start (14.4 vs 12.6;
 # 30.5 when infrared images share their identity's class), so cross-modality association is still left to the method.
-SYNTHETIC_RECIPE = {"modalities": "separate"}
+SYNTHETIC_RECIPE = {"modalities": "separate", "color_jitter": 0.4}
 
 
 def config_for_model(model: torch.nn.Module, image_size=None) -> PretrainConfig:
