@@ -9,12 +9,14 @@
 // reference divides 0 by 0 there). The output row is the L2-normalised weighted sum of kept rows (zero rows stay
 // zero), and the affinity is returned in CSR form (entries with positive weight, columns sorted).
 // float64 features: neighbours are selected on their float32 rounding; weights and propagation run in float64.
+// Features whose float32 scores would overflow or vanish are first scaled by a power of two (CMFP is scale-invariant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <utility>
 #include <type_traits>
@@ -96,9 +98,58 @@ void select_block(const at::Tensor& values, const at::Tensor& indices, int64_t k
   });
 }
 
+// Largest |component| of a feature matrix; a ValueError names the argument when it holds NaN or Inf.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl(const at::Tensor& fv,
-                                                                                 const at::Tensor& fr, int64_t k) {
+double max_abs_finite(const at::Tensor& f, const char* name) {
+  const T* p = f.data_ptr<T>();
+  const int64_t n = f.numel();
+  std::vector<double> part(std::max<int64_t>(1, at::get_num_threads()), 0.0);
+  std::vector<char> bad(part.size(), 0);
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    double m = 0.0;
+    bool nonfinite = false;
+    for (int64_t u = b; u < e; ++u) {
+      const double v = std::fabs(static_cast<double>(p[u]));
+      nonfinite |= !(v <= std::numeric_limits<double>::max());  // NaN fails every comparison
+      m = std::max(m, v);
+    }
+    const int t = at::get_thread_num();
+    part[t] = std::max(part[t], m);
+    bad[t] |= nonfinite;
+  });
+  TORCH_CHECK_VALUE(std::none_of(bad.begin(), bad.end(), [](char c) { return c != 0; }), "vireid::cmfp: ", name,
+                    " contains NaN or Inf; clean it (e.g. torch.nan_to_num) before calling");
+  return *std::max_element(part.begin(), part.end());
+}
+
+// CMFP does not change when all features are multiplied by one positive number (the weights are ratios within a
+// block row and every output row is L2-normalised). Features whose float32 scores could overflow (d * max|f|^2 above
+// 2^100) or vanish (below 2^-100) are scaled by a power of two so that max|f| lies in [1, 2): exact up to components
+// that fall below the smallest normal number, and the result is the one of unbounded exponent range.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> scaled_for_float32_scores(const at::Tensor& fv, const at::Tensor& fr) {
+  const double m = std::max(max_abs_finite<T>(fv, "features_v"), max_abs_finite<T>(fr, "features_r"));
+  const double top = m * m * static_cast<double>(fv.size(1));  // inf when it overflows: then too it scales
+  if (m == 0.0 || (top <= std::ldexp(1.0, 100) && top >= std::ldexp(1.0, -100))) return {fv, fr};
+  const int e = -std::ilogb(m);
+  auto scale = [e](const at::Tensor& f) {
+    at::Tensor out = at::empty_like(f);
+    const T* src = f.data_ptr<T>();
+    T* dst = out.data_ptr<T>();
+    at::parallel_for(0, f.numel(), 1 << 16, [&](int64_t b, int64_t u1) {
+      for (int64_t u = b; u < u1; ++u) dst[u] = static_cast<T>(std::ldexp(static_cast<double>(src[u]), e));
+    });
+    return out;
+  };
+  return {scale(fv), scale(fr)};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl(const at::Tensor& fv_in,
+                                                                                 const at::Tensor& fr_in, int64_t k) {
+  const std::pair<at::Tensor, at::Tensor> scaled = scaled_for_float32_scores<T>(fv_in, fr_in);
+  const at::Tensor& fv = scaled.first;
+  const at::Tensor& fr = scaled.second;
   const int64_t nv = fv.size(0), nr = fr.size(0), d = fv.size(1);
   const int64_t n = nv + nr;
   const T* fvp = fv.data_ptr<T>();

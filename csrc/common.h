@@ -88,6 +88,26 @@ Isa cpu_isa();
 // follows torch's matmul precision settings.
 void gemm_nt_out(at::Tensor& out, const at::Tensor& lhs, const at::Tensor& rhs);
 
+// Float32-output GEMM of bf16 inputs: out (rows x width, row stride ldo) = a (rows x dp) @ b (width x dp)^T, a and b
+// row-major bf16 bit patterns with an even row length dp (pad odd d with a zero column). Every product of two bf16
+// values is exact in float32 and the sums are float32 (at most d + 1 roundings per output, in a fixed order per
+// implementation; denormal inputs and results may be flushed to zero): the output carries no bf16 rounding.
+enum class Bf16Gemm { kNone = 0, kAvx512Bf16 = 1, kMklCblas = 2 };
+
+// Whether this GEMM can run here (AVX512-BF16 for ours, the MKL symbol for MKL's; never below VIREID_CPU_ISA=avx512).
+bool bf16_gemm_supported(Bf16Gemm kind);
+
+// The float32-output bf16 GEMM the kNN's bf16 candidate search uses, chosen once per process: MKL's
+// cblas_gemm_bf16bf16f32 (exported by libtorch_cpu) on CPUs with AMX-BF16, where MKL runs it on the matrix units;
+// kNone elsewhere, where the search keeps ATen's bf16 GEMM (bf16 output, a wider bound): on AVX512-BF16 CPUs without
+// AMX our kernel below was measured slower than it (common.cpp). VIREID_BF16_GEMM=none|avx512bf16|mkl overrides the
+// choice among the supported ones.
+Bf16Gemm bf16_gemm_kind();
+
+// Runs a supported float32-output bf16 GEMM. Parallel over column panels (ours) or MKL's threads.
+void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, const uint16_t* b, int64_t width,
+                      int64_t dp, Bf16Gemm kind);
+
 // Asks the kernel to back [p, p + bytes) with transparent huge pages where it allows them on request ("madvise"
 // mode): first-touch page faults on buffers of hundreds of MB cost more than filling them. No-op below 8 MB.
 void advise_huge_pages(void* p, size_t bytes);

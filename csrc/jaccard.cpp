@@ -171,8 +171,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
     double mx = -std::numeric_limits<double>::infinity();
     for (size_t t = 0; t < cols.size(); ++t) {
       const int32_t slot = rank_sim ? where[cols[t]] : 0;
-      const double sim = slot ? static_cast<double>(rank_sim[i * k1 + slot - 1])
-                              : dot_exact<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
+      // A product beyond float32's range arrives as +-Inf in rank_sim: recomputed in float64, where it is finite.
+      const double known = slot ? static_cast<double>(rank_sim[i * k1 + slot - 1]) : 0.0;
+      const double sim = slot && std::isfinite(known)
+                             ? known
+                             : dot_exact<float>(f + i * d, f + static_cast<int64_t>(cols[t]) * d, d);
       vals[t] = -(2.0 - 2.0 * sim);
       mx = std::max(mx, vals[t]);
     }

@@ -1,5 +1,5 @@
-// Exact k nearest neighbours, streamed in tiles: GEMM per tile (ATen, fp32 or bf16) + a running candidate merge,
-// then an exact float64 re-score of the candidates.
+// Exact k nearest neighbours, streamed in tiles: GEMM per tile (fp32, or bf16 inputs with float32 output) + a running
+// candidate merge, then an exact float64 re-score of the candidates.
 //
 // Definition of the result (shared by every backend and by knn_ref): score(i, j) = sum_t x_it * y_jt evaluated in
 // float64 from the float32 inputs (each product is exact in float64); "ip" ranks by the largest score, "l2" by the
@@ -10,6 +10,8 @@
 // the kept ones when the worst kept score is more than the bound below the k-th lower bound. Rows where that check
 // fails are redone: by an fp32 candidate pass after a bf16 search, by an exact scan after an fp32 one. So the bf16
 // candidate search returns bit-identical results to the fp32 one; the precision only changes the speed.
+// Inputs whose float32 scores could overflow are searched on copies scaled by powers of two (the re-score reads the
+// originals), so every finite input gives the exact result; NaN or Inf raise a ValueError.
 // Memory: O(N * C) candidates + one tile of kTileRows x kTileCols scores, never N x M.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -52,7 +54,9 @@ const uint16_t* bf16_rows(const at::Tensor& t) {
 // the rounded row and of the rounding residual x - bf16(x) (exact in float32).
 template <typename T>
 VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int64_t d, double* low2, double* err2) {
-  float a_low[16] = {0}, a_err[16] = {0};
+  // float64 sums of squares: a float32 square of a component below ~2^-63 (or a residual of a row below ~2^-55)
+  // would underflow and shrink the bound below the true rounding error.
+  double a_low[16] = {0}, a_err[16] = {0};
   int64_t t = 0;
   for (; t + 16 <= d; t += 16) {
     for (int u = 0; u < 16; ++u) {
@@ -61,8 +65,8 @@ VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int
       bits += 0x7FFFu + ((bits >> 16) & 1u);
       const uint16_t b = static_cast<uint16_t>(bits >> 16);
       out[t + u] = b;
-      const float low = bf16_to_float(b);
-      const float err = x[t + u] - low;
+      const double low = bf16_to_float(b);
+      const double err = static_cast<double>(x[t + u]) - low;
       a_low[u] += low * low;
       a_err[u] += err * err;
     }
@@ -72,8 +76,8 @@ VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int
     std::memcpy(&bits, &x[t], sizeof(bits));
     bits += 0x7FFFu + ((bits >> 16) & 1u);
     out[t] = static_cast<uint16_t>(bits >> 16);
-    const float low = bf16_to_float(out[t]);
-    const float err = x[t] - low;
+    const double low = bf16_to_float(out[t]);
+    const double err = static_cast<double>(x[t]) - low;
     a_low[u] += low * low;
     a_err[u] += err * err;
   }
@@ -87,10 +91,11 @@ VIREID_ALWAYS_INLINE void round_row_bf16_body(const float* x, uint16_t* out, int
 }
 VIREID_MULTIVERSION(round_row_bf16)
 
-// bf16 copy of x (R, d) and, per row, the norms of the copy and of the rounding residual.
+// bf16 copy of x (R, d), padded with a zero column to an even width (the float32-output GEMM reads pairs), and, per
+// row, the norms of the copy and of the rounding residual.
 at::Tensor to_bf16_with_norms(const at::Tensor& x, std::vector<double>& nlow, std::vector<double>& nerr) {
-  const int64_t R = x.size(0), d = x.size(1);
-  at::Tensor out = at::empty({R, d}, x.options().dtype(at::kBFloat16));
+  const int64_t R = x.size(0), d = x.size(1), dp = d + (d & 1);
+  at::Tensor out = at::empty({R, dp}, x.options().dtype(at::kBFloat16));
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<c10::BFloat16>());
   const float* xp = x.data_ptr<float>();
   nlow.resize(R);
@@ -98,8 +103,9 @@ at::Tensor to_bf16_with_norms(const at::Tensor& x, std::vector<double>& nlow, st
   at::parallel_for(0, R, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       double l2, e2;
-      round_row_bf16<float>(xp + r * d, op + r * d, d, &l2, &e2);
-      // float accumulation of d squares: relative error < d * 2^-24, covered by the bound's safety factor.
+      round_row_bf16<float>(xp + r * d, op + r * dp, d, &l2, &e2);
+      if (dp != d) op[r * dp + d] = 0;
+      // float64 accumulation of d squares: relative error < d * 2^-53, covered by the bound's safety factor.
       nlow[r] = std::sqrt(l2);
       nerr[r] = std::sqrt(e2);
     }
@@ -356,6 +362,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   const float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   // ---- norms and the error bound of the approximate scores ----
+  // Exact squared norms in float64 (finite for every finite float32 row: at most d * 2^256).
   std::vector<double> nx2(N), ny2(M);
   at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) nx2[i] = row_sq_norm(xp + i * d, d);
@@ -363,43 +370,110 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
     for (int64_t j = b; j < e; ++j) ny2[j] = row_sq_norm(yp + j * d, d);
   });
-  double ny_max = 0, ny2_max = 0;
-  for (int64_t j = 0; j < M; ++j) ny2_max = std::max(ny2_max, ny2[j]);
-  ny_max = std::sqrt(ny2_max);
+  double nx2_max = 0, ny2_max = 0;
+  bool finite = true;
+  for (int64_t i = 0; i < N; ++i) {
+    finite &= std::isfinite(nx2[i]);
+    nx2_max = std::max(nx2_max, nx2[i]);
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    finite &= std::isfinite(ny2[j]);
+    ny2_max = std::max(ny2_max, ny2[j]);
+  }
+  TORCH_CHECK_VALUE(finite, "vireid::knn: the features contain NaN or Inf; clean them (e.g. torch.nan_to_num) "
+                    "before the search");
+  // The candidate search runs on copies scaled by powers of two when the float32 scores could overflow (or sink to
+  // the bound's absolute floor): the scaled scores are the exact ones times 2^(ex + ey), up to the underflow of
+  // components below 2^-126, which the bound covers. The exact re-score always reads the original rows.
+  int ex = 0, ey = 0;
+  {
+    const double nx_max = std::sqrt(nx2_max), ny_max0 = std::sqrt(ny2_max);
+    auto to_unit = [](double v) { return v > 0 ? -std::ilogb(v) : 0; };  // 2^e v in [1, 2)
+    auto outside = [](double p) { return p > std::ldexp(1.0, 50) || (p > 0 && p < std::ldexp(1.0, -50)); };
+    if (self || l2) {  // one scale: the symmetric search shares its operand, l2 mixes dot and ||y||^2
+      const double m = std::max(nx_max, ny_max0);
+      if (outside(m * m)) ex = ey = to_unit(m);
+    } else if (outside(nx_max * ny_max0)) {
+      ex = to_unit(nx_max);
+      ey = to_unit(ny_max0);
+    }
+  }
+  const bool scaled = ex != 0 || ey != 0;
+  auto scale_copy = [&](const at::Tensor& t, int e) {
+    at::Tensor out = at::empty_like(t);
+    const float* src = t.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t b, int64_t f) {
+      for (int64_t u = b; u < f; ++u) dst[u] = static_cast<float>(std::ldexp(static_cast<double>(src[u]), e));
+    });
+    return out;
+  };
+  const at::Tensor xs = scaled ? scale_copy(x, ex) : x;
+  const at::Tensor ys = !scaled ? y : self ? xs : scale_copy(y, ey);
+  // Squared norms of the search operands (the originals' unless scaled).
+  std::vector<double> sx2_store, sy2_store;
+  if (scaled) {
+    const float* xsp = xs.data_ptr<float>();
+    const float* ysp = ys.data_ptr<float>();
+    sx2_store.resize(N);
+    sy2_store.resize(M);
+    at::parallel_for(0, N, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) sx2_store[i] = row_sq_norm(xsp + i * d, d);
+    });
+    at::parallel_for(0, M, 256, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) sy2_store[j] = row_sq_norm(ysp + j * d, d);
+    });
+  }
+  const double* sx2 = scaled ? sx2_store.data() : nx2.data();
+  const double* sy2 = scaled ? sy2_store.data() : ny2.data();
+  const double sy2_max = scaled ? *std::max_element(sy2, sy2 + M) : ny2_max;
+  const double sy_max = std::sqrt(sy2_max);
   const double u32 = std::ldexp(1.0, -24);
   const double gamma = (d + 2) * u32 / (1.0 - (d + 2) * u32);  // accumulation error factor of any fp32 summation
+  // Denormal inputs, products, sums or scaled components flushed to zero: each costs at most 2^-126 (an input
+  // component, weighted by the other row's norm) in the search's units.
+  auto underflow = [&](double nxi, double ny) {
+    return std::ldexp(1.0, -124) * (static_cast<double>(d) + std::sqrt(static_cast<double>(d)) * (nxi + ny + 1.0));
+  };
+  // bf16: a float32-output bf16 GEMM when the CPU has one (no output rounding), else ATen's bf16 matmul (bf16 out).
+  const bool f32_out = bf16 && bf16_gemm_kind() != Bf16Gemm::kNone;
   at::Tensor xa, ya;                                           // the GEMM operands
   std::vector<double> bound(N);                                // absolute part of delta_i
   double rel = 0.0;                                            // relative part (of |approximate score|)
   if (bf16) {
     std::vector<double> nxa, nxe, nya, nye;
-    xa = to_bf16_with_norms(x, nxa, nxe);
+    xa = to_bf16_with_norms(xs, nxa, nxe);
     if (self) {
       ya = xa;
       nya = nxa;
       nye = nxe;
     } else {
-      ya = to_bf16_with_norms(y, nya, nye);
+      ya = to_bf16_with_norms(ys, nya, nye);
     }
     const double nya_max = *std::max_element(nya.begin(), nya.end());
     const double nye_max = *std::max_element(nye.begin(), nye.end());
-    const double ub = std::ldexp(1.0, -8);
-    rel = ub / (1.0 - ub);
+    if (!f32_out) {
+      const double ub = std::ldexp(1.0, -8);
+      rel = ub / (1.0 - ub);
+    }
+    // input rounding (x - x~).y + x~.(y - y~), then the float32 accumulation of the bf16 products (exact each).
     for (int64_t i = 0; i < N; ++i)
-      bound[i] = gamma * nxa[i] * nya_max * (1.0 + rel) + nxe[i] * ny_max + nxa[i] * nye_max;
+      bound[i] = gamma * nxa[i] * nya_max * (1.0 + rel) + nxe[i] * sy_max + nxa[i] * nye_max +
+                 underflow(nxa[i], nya_max);
   } else {
-    xa = x;
-    ya = y;
+    xa = xs;
+    ya = ys;
     // If matmuls may run in reduced precision (torch.set_float32_matmul_precision), bound them like bf16 inputs.
     const bool reduced = at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
     const double input_err = reduced ? 2.0 * std::ldexp(1.0, -8) : 0.0;
-    for (int64_t i = 0; i < N; ++i) bound[i] = (gamma + input_err) * std::sqrt(nx2[i]) * ny_max;
+    for (int64_t i = 0; i < N; ++i)
+      bound[i] = (gamma + input_err) * std::sqrt(sx2[i]) * sy_max + underflow(std::sqrt(sx2[i]), sy_max);
   }
   // The l2 score dot - ||y||^2/2 is formed in float: two more roundings.
   std::vector<float> nyh(M, 0.0f);  // ip: zeros
   if (l2) {
-    for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * ny2[j]);
-    for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(nx2[i]) * ny_max * (1.0 + rel) + ny2_max);
+    for (int64_t j = 0; j < M; ++j) nyh[j] = static_cast<float>(0.5 * sy2[j]);
+    for (int64_t i = 0; i < N; ++i) bound[i] += 4.0 * u32 * (std::sqrt(sx2[i]) * sy_max * (1.0 + rel) + sy2_max);
   }
   const double safety = 1.25;  // covers the rounding of the norms above
   for (int64_t i = 0; i < N; ++i) bound[i] = safety * bound[i] + 1e-30;
@@ -421,7 +495,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
   const double rel_eff = rel * (1.0 + 4.0 * u32);  // the relative part applies to the GEMM output (dot)
   auto row_bound = [&](int64_t i) {
     // |dot| <= ||x_i|| ||y||_max exactly; the approximate one exceeds it by at most its own error.
-    const double dot_max = (std::sqrt(nx2[i]) * ny_max * (1.0 + 2.0 * rel) + bound[i]) / (1.0 - rel);
+    const double dot_max = (std::sqrt(sx2[i]) * sy_max * (1.0 + 2.0 * rel) + bound[i]) / (1.0 - rel);
     return RowBound{bound[i], rel_eff, (bound[i] + rel_eff * dot_max) * (1.0 + 1e-6), nyh.data()};
   };
   auto merge_row = [&](int64_t i, const float* s_row, const uint16_t* s_row_b, int64_t j0, int64_t ncols,
@@ -440,7 +514,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
       std::vector<double> scratch;
       for (int64_t i = b; i < e; ++i) {
-        if (bf16)
+        if (t.scalar_type() == at::kBFloat16)
           merge_row(i, nullptr, bf16_rows(t) + (i - r0) * width, col0, width, scratch);
         else
           merge_row(i, t.data_ptr<float>() + (i - r0) * width, nullptr, col0, width, scratch);
@@ -453,8 +527,15 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
     const at::Tensor xb = xa.slice(0, i0, i1);
     for (int64_t j0 = split > 0 ? split : self ? i0 : 0; j0 < M; j0 += kTileCols) {
       const int64_t j1 = std::min(M, j0 + kTileCols);
-      at::Tensor tile = at::empty({i1 - i0, j1 - j0}, xa.options());
-      gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
+      at::Tensor tile;
+      if (f32_out) {
+        tile = at::empty({i1 - i0, j1 - j0}, xs.options());
+        gemm_bf16_f32_nt(tile.data_ptr<float>(), j1 - j0, bf16_rows(xa) + i0 * xa.size(1), i1 - i0,
+                         bf16_rows(ya) + j0 * ya.size(1), j1 - j0, xa.size(1), bf16_gemm_kind());
+      } else {
+        tile = at::empty({i1 - i0, j1 - j0}, xa.options());
+        gemm_nt_out(tile, xb, ya.slice(0, j0, j1));
+      }
       merge_tile(tile, i0, i1, j0);
       // Symmetric search: the same tile, transposed, serves rows j0..j1 against columns i0..i1.
       if (self && (split > 0 || j0 > i0)) merge_tile(tile.t().contiguous(), j0, j1, i0);
@@ -474,6 +555,10 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       int64_t n = sizes[i];
       const RowBound rb = row_bound(i);
       if (n > C) n = compact_candidates(h, n, k, C, rb, &cuts[i], scratch);
+      if (n < k) {  // cannot happen with finite scores; if it ever did, the row is redone, never read past its end
+        overflow[i] = 1;
+        continue;
+      }
       const bool dropped = cuts[i].index != std::numeric_limits<int32_t>::max();
       Cand worst = h[0];
       for (int64_t c = 1; c < n; ++c)
@@ -485,7 +570,7 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       // Dropped columns scored at most the worst kept one; its upper bound must stay below L.
       // A dropped column j scored s <= worst.score; s + rel |s + nyh_j| grows with s, and nyh_j <= ||y||_max^2 / 2.
       const double worst_upper = static_cast<double>(worst.score) + bound[i] +
-                                 rel_eff * (std::fabs(static_cast<double>(worst.score)) + 0.5 * ny2_max);
+                                 rel_eff * (std::fabs(static_cast<double>(worst.score)) + 0.5 * sy2_max);
       if (dropped && worst_upper >= L) {
         overflow[i] = 1;
         continue;
@@ -517,8 +602,11 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       head.assign(keys.begin() + key_off[i], keys.begin() + key_off[i] + k);
       const double kth_key = *std::max_element(head.begin(), head.end());
       // the k-th exact key as a score (ip: -key, l2: (||x||^2 - key) / 2)
-      const double e_score = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
-      const double slack = 16.0 * std::ldexp(1.0, -52) * (std::fabs(e_score) + nx2[i] + ny2_max);
+      // (in the search's units: the exact scores times 2^(ex + ey), a power of two, exact in float64)
+      const double e_exact = l2 ? 0.5 * (nx2[i] - kth_key) : -kth_key;
+      const double e_score = std::ldexp(e_exact, ex + ey);
+      const double slack =
+          std::ldexp(16.0 * std::ldexp(1.0, -52) * (std::fabs(e_exact) + nx2[i] + ny2_max), ex + ey);
       const RowBound rb = row_bound(i);
       for (int64_t t = k; t < n; ++t) {
         const Cand& c = heaps[i * cap + t];
@@ -540,6 +628,10 @@ std::vector<int64_t> knn_impl(const at::Tensor& x, const at::Tensor& y, int64_t 
       for (int64_t t = 0; t < live_n[i]; ++t) {
         const double key = keys[key_off[i] + t];
         if (!std::isnan(key)) pool.push_back({key, heaps[i * cap + t].index});  // NaN: pruned, never scored
+      }
+      if (static_cast<int64_t>(pool.size()) < k) {  // as above: redo rather than read past the pool
+        overflow[i] = 1;
+        continue;
       }
       write_row(pool, k, l2, vp + i * k, ip + i * k);
     }
@@ -633,10 +725,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> knn_exact_both(const 
 }
 
 bool knn_bf16_worthwhile(int64_t n, int64_t m, int64_t d) {
-  // Native bf16 dot products make the bf16 GEMM ~3-4x faster than fp32; below ~1 GMAC the extra rounding pass and
-  // the wider candidate pools are not worth it.
+  // Native bf16 dot products (AVX512-BF16 or AMX-BF16, unless VIREID_CPU_ISA caps the ISA below avx512) make the bf16
+  // GEMM several times faster than fp32; below ~1 GMAC the extra rounding pass and the wider candidate pools are not
+  // worth it. vireid_fast/ops/knn.py makes the same choice for precision="auto".
   if (static_cast<double>(n) * static_cast<double>(m) * static_cast<double>(d) < std::ldexp(1.0, 30)) return false;
-  static const bool native = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+  static const bool native = cpu_isa() == Isa::kAvx512 && (__builtin_cpu_supports("avx512bf16") ||
+                                                           __builtin_cpu_supports("amx-bf16"));
   return native;
 }
 

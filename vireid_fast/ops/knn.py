@@ -7,6 +7,8 @@ are float64 sums of the float32 products, ties go to the lower index (faiss brea
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import _registry
@@ -28,12 +30,16 @@ _registry.register("knn", reference=knn_ref, fake=_knn_fake)
 
 
 def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
-    # Large searches on CPUs with native bf16 dot products: the bf16 GEMM is ~3-4x faster, and rows whose candidate
-    # margin overflows only pay an extra fp32 pass over themselves (the result is exact either way).
+    # Large searches on CPUs with native bf16 dot products (AVX512-BF16 or AMX-BF16), where the C++ kernels run a
+    # float32-output bf16 GEMM several times faster than fp32; rows whose candidate margin overflows only pay an extra
+    # fp32 pass over themselves (the result is exact either way). Mirrors the kernels' choice, VIREID_CPU_ISA cap
+    # included: on a CPU with AVX-512 but no bf16 dot products the bf16 GEMM would be emulated and slower than fp32.
     if x.device.type != "cpu" or x.shape[0] * m * x.shape[1] < 2**30:
         return False
+    if os.environ.get("VIREID_CPU_ISA") in ("avx2", "baseline"):
+        return False
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 

@@ -6,6 +6,8 @@ kernel used on devices without a dedicated one. Semantics follow ``shared/spec``
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -258,7 +260,8 @@ def kreciprocal_jaccard_ref(features: torch.Tensor, initial_rank: torch.Tensor, 
         members = sorted(set(expansion))
         sims = feats[members] @ feats[i]
         if rank_sim is not None:
-            known = {j: float(s) for j, s in zip(rank[i], rank_sim[i].tolist(), strict=True)}
+            # +-Inf: a product beyond float32's range, recomputed in float64 like the kernels do
+            known = {j: float(s) for j, s in zip(rank[i], rank_sim[i].tolist(), strict=True) if math.isfinite(s)}
             sims = torch.tensor([known.get(j, float(sims[t])) for t, j in enumerate(members)], dtype=torch.float64)
         dist = 2.0 - 2.0 * sims
         v[i, members] = torch.softmax(-dist, dim=0)
