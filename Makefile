@@ -1,7 +1,7 @@
 # vireid_fast — set-up, tests, demo and benchmarks.
 #   make demo   set up (if needed) and run the main job: DCL and the supervised ceiling from the synthetic-pretrained
 #               start, two seeds, and the comparison table (runs/demo/results.md)
-#   make test   set up (if needed) and run the test suite
+#   make test   set up (if needed) and run the test suite, then the op tests without the compiled extension
 #   make bench  benchmarks (pytest-benchmark, saved);  make bench-compare  fail on a median regression
 # Set-up: uses the active virtual environment (VIRTUAL_ENV / CONDA_PREFIX) if there is one, else creates .venv;
 # installs the CPU torch build unless a torch (e.g. a CUDA build) is already installed, then the package with its
@@ -51,8 +51,12 @@ setup: $(DEPS_STAMP) $(BUILD_STAMP)
 
 build: setup
 
+# The second run checks the fallback configuration (no compiled extension: the reference kernels behind the same
+# validation layer) on the op tests; tests that need the extension skip there, and the Triton-interpreter tests
+# (which do not use the extension and ran in the first pass) are left out to keep it short.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+	VIREID_DISABLE_EXTENSION=1 $(PY) -m pytest tests/ops -m "not triton" -p no:cacheprovider $(PYTEST_ARGS)
 
 DEMO_SEEDS ?= 0,1
 DEMO_JOBS ?= 2

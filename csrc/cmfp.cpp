@@ -282,6 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_cpu(
               "vireid::cmfp: features must be non-empty");
   TORCH_CHECK(k >= 1 && k <= std::min(features_v.size(0), features_r.size(0)),
               "vireid::cmfp: k must be in [1, min(N_v, N_r)], got ", k);
+  check_finite(features_v, "features_v");
+  check_finite(features_r, "features_r");
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(features_v.scalar_type(), "vireid_cmfp", [&] {
     result = cmfp_impl<scalar_t>(features_v.contiguous(), features_r.contiguous(), k);
@@ -292,4 +294,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_cpu(
 }  // namespace
 }  // namespace vireid
 
-TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("cmfp", &vireid::cmfp_cpu); }
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("_cmfp_cpu", &vireid::cmfp_cpu); }

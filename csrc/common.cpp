@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -246,6 +247,13 @@ void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
 #if defined(VIREID_HAVE_BF16_KERNEL)
   gemm_bf16_avx512(out, ldo, a, rows, b, width, dp);
 #endif
+}
+
+void check_finite(const at::Tensor& t, const char* name) {
+  if (t.numel() == 0 || !t.is_floating_point()) return;
+  const auto mm = at::aminmax(t);  // propagates NaN
+  const bool ok = std::isfinite(std::get<0>(mm).item<double>()) && std::isfinite(std::get<1>(mm).item<double>());
+  TORCH_CHECK_VALUE(ok, name, " contains NaN or Inf; clean the input (e.g. torch.nan_to_num) before calling");
 }
 
 void advise_huge_pages(void* p, size_t bytes) {

@@ -112,6 +112,11 @@ void gemm_bf16_f32_nt(float* out, int64_t ldo, const uint16_t* a, int64_t rows, 
 // mode): first-touch page faults on buffers of hundreds of MB cost more than filling them. No-op below 8 MB.
 void advise_huge_pages(void* p, size_t bytes);
 
+// ValueError (TORCH_CHECK_VALUE) if the floating tensor t holds NaN or Inf; worded like vireid_fast/ops/_checks.py.
+// The op entry points repeat the Python validation layer's finiteness check so that the private _<op>_cpu twins are
+// never fed a value their search bounds cannot handle.
+void check_finite(const at::Tensor& t, const char* name);
+
 }  // namespace vireid
 
 // Compiles a function body (an always-inline template `NAME##_body<T>`) three times, for AVX-512, AVX2+FMA and the

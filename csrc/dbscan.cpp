@@ -8,7 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
+
+#include "common.h"
 
 namespace vireid {
 namespace {
@@ -45,6 +48,7 @@ at::Tensor dbscan_dense_cpu(const at::Tensor& dist_in, double eps, int64_t min_s
   TORCH_CHECK(dist_in.dim() == 2 && dist_in.size(0) == dist_in.size(1), "vireid::dbscan_dense: dist must be (N, N)");
   TORCH_CHECK(dist_in.scalar_type() == at::kFloat || dist_in.scalar_type() == at::kDouble,
               "vireid::dbscan_dense: dist must be float32 or float64");
+  check_finite(dist_in, "dist");
   const at::Tensor dist = dist_in.contiguous();
   const int64_t n = dist.size(0);
   std::vector<int64_t> counts(n, 0);
@@ -84,10 +88,10 @@ at::Tensor dbscan_csr_cpu(const at::Tensor& crow_in, const at::Tensor& col_in, c
   const int64_t* rp = crow.data_ptr<int64_t>();
   const int64_t* cp = col.data_ptr<int64_t>();
   const double* vp = values.data_ptr<double>();
-  TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, "vireid::dbscan_csr: crow must start at 0 and end at nnz");
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(rp[i] <= rp[i + 1], "vireid::dbscan_csr: crow must be non-decreasing");
+  TORCH_CHECK_VALUE(rp[0] == 0 && rp[n] == nnz, "vireid::dbscan_csr: crow must start at 0 and end at nnz");
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK_VALUE(rp[i] <= rp[i + 1], "vireid::dbscan_csr: crow must be non-decreasing");
   if (nnz > 0) {
-    TORCH_CHECK(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
+    TORCH_CHECK_VALUE(col.min().item<int64_t>() >= 0 && col.max().item<int64_t>() < n,
                 "vireid::dbscan_csr: column indices must be in [0, N)");
   }
   {
@@ -101,6 +105,8 @@ at::Tensor dbscan_csr_cpu(const at::Tensor& crow_in, const at::Tensor& col_in, c
       }
     }
   }
+  check_finite(values_in, "dist's CSR values");
+  TORCH_CHECK_VALUE(!std::isnan(fill), "fill must be a finite number, got nan; pass a real value");
   // Compare in float32 when the values are float32 (as sklearn on the float32 dense matrix).
   const bool f32 = values_in.scalar_type() == at::kFloat;
   const double e = f32 ? static_cast<double>(static_cast<float>(eps)) : eps;
@@ -141,6 +147,6 @@ at::Tensor dbscan_csr_cpu(const at::Tensor& crow_in, const at::Tensor& col_in, c
 }  // namespace vireid
 
 TORCH_LIBRARY_IMPL(vireid, CPU, m) {
-  m.impl("dbscan_dense", &vireid::dbscan_dense_cpu);
-  m.impl("dbscan_csr", &vireid::dbscan_csr_cpu);
+  m.impl("_dbscan_dense_cpu", &vireid::dbscan_dense_cpu);
+  m.impl("_dbscan_csr_cpu", &vireid::dbscan_csr_cpu);
 }

@@ -104,6 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
   TORCH_CHECK(n > 0 && k1 >= 1 && k1 <= n, "vireid::kreciprocal_jaccard: need 1 <= k1 <= N");
   TORCH_CHECK(k2 >= 1 && k2 <= k1, "vireid::kreciprocal_jaccard: need 1 <= k2 <= k1");
   TORCH_CHECK(n < (int64_t(1) << 31), "vireid::kreciprocal_jaccard: at most 2^31 - 1 rows");
+  check_finite(features_in, "features");
   const at::Tensor features = features_in.contiguous();
   const at::Tensor rank_t = rank_in.contiguous();
   const float* f = features.data_ptr<float>();
@@ -353,4 +354,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kreciprocal_jaccard_cpu(const at:
 }  // namespace
 }  // namespace vireid
 
-TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("kreciprocal_jaccard", &vireid::kreciprocal_jaccard_cpu); }
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("_kreciprocal_jaccard_cpu", &vireid::kreciprocal_jaccard_cpu); }

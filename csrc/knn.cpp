@@ -689,6 +689,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& x_in, const at::Ten
   TORCH_CHECK(x_in.size(1) == y_in.size(1), "vireid::knn: x and y must have the same number of columns");
   TORCH_CHECK(metric == "ip" || metric == "l2", "vireid::knn: metric must be 'ip' or 'l2', got ", metric);
   TORCH_CHECK(precision == "fp32" || precision == "bf16", "vireid::knn: precision must be 'fp32' or 'bf16'");
+  check_finite(x_in, "x");
+  if (!y_in.is_same(x_in)) check_finite(y_in, "y");
   return knn_exact(x_in, y_in, k, metric == "l2", precision == "bf16");
 }
 
@@ -757,4 +759,4 @@ std::tuple<at::Tensor, at::Tensor> knn_exact(const at::Tensor& x_in, const at::T
 
 }  // namespace vireid
 
-TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("knn", &vireid::knn_cpu); }
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("_knn_cpu", &vireid::knn_cpu); }

@@ -140,7 +140,9 @@ VIREID_ALWAYS_INLINE void jacobian_row_body(T* g, const T* xn, T n, int64_t D) {
 VIREID_MULTIVERSION(jacobian_row)
 
 // m <- (mu m + (1 - mu) x) / ||mu m + (1 - mu) x||, computed like the community's tensor expression.
-// The squared norm is accumulated in the same pass, lane by lane as dot_inline(m, m) would sum it.
+// The squared norm is accumulated lane by lane as dot_inline(m, m) would sum it, in a first pass that writes nothing:
+// when the sum has no length (x exactly opposite m with mu = 0.5, where the community code writes 0/0 = NaN) the row
+// keeps its previous value, the documented rule on every backend.
 template <typename T>
 VIREID_ALWAYS_INLINE void momentum_step_body(T* m, const T* x, T mu, T one_minus, int64_t D) {
   T acc[kLanes] = {};
@@ -148,18 +150,17 @@ VIREID_ALWAYS_INLINE void momentum_step_body(T* m, const T* x, T mu, T one_minus
   for (; k + kLanes <= D; k += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       const T v = m[k + j] * mu + one_minus * x[k + j];
-      m[k + j] = v;
       acc[j] += v * v;
     }
   }
   T s = lane_sum(acc);
   for (; k < D; ++k) {
     const T v = m[k] * mu + one_minus * x[k];
-    m[k] = v;
     s += v * v;
   }
+  if (!(s > 0)) return;
   const T n = std::sqrt(s);
-  for (k = 0; k < D; ++k) m[k] /= n;
+  for (k = 0; k < D; ++k) m[k] = (m[k] * mu + one_minus * x[k]) / n;
 }
 VIREID_MULTIVERSION(momentum_step)
 
@@ -382,7 +383,7 @@ void memory_update_cpu(const at::Tensor& normalized, const at::Tensor& targets, 
 }  // namespace vireid
 
 TORCH_LIBRARY_IMPL(vireid, CPU, m) {
-  m.impl("memory_contrastive", &vireid::memory_contrastive_cpu);
-  m.impl("memory_contrastive_backward", &vireid::memory_contrastive_backward_cpu);
-  m.impl("memory_update", &vireid::memory_update_cpu);
+  m.impl("_memory_contrastive_cpu", &vireid::memory_contrastive_cpu);
+  m.impl("_memory_contrastive_backward_cpu", &vireid::memory_contrastive_backward_cpu);
+  m.impl("_memory_update_cpu", &vireid::memory_update_cpu);
 }

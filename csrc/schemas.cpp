@@ -1,6 +1,12 @@
 // The one place declaring the schemas of every vireid op. Kernels register themselves in their own files
 // (TORCH_LIBRARY_IMPL); the Python package mirrors these strings for the no-extension fallback, and a test checks
 // that the two agree.
+//
+// Every public op vireid::<name> has a private twin vireid::_<name>_cpu with the same schema that holds the C++ CPU
+// kernel. The public op's CPU kernel is registered from Python (vireid_fast/ops/_registry.py): it runs the op's
+// validation layer (vireid_fast/ops/_checks.py) and then calls the twin, so every backend and the raw
+// torch.ops.vireid.<name> raise the same ValueError/TypeError for the same bad input. The twins are internal: call
+// the public op.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vireid, m) {
@@ -35,4 +41,20 @@ TORCH_LIBRARY(vireid, m) {
   m.def("dbscan_dense(Tensor dist, float eps, int min_samples) -> Tensor");
   // CSR distance whose entries not stored equal fill -> labels (N,) int64.
   m.def("dbscan_csr(Tensor crow, Tensor col, Tensor values, float eps, int min_samples, float fill) -> Tensor");
+
+  // The C++ CPU kernels (see above).
+  m.def("_sinkhorn_cpu(Tensor cost, float lam, Tensor a, Tensor b, int max_iter, float tol) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("_memory_contrastive_cpu(Tensor inputs, Tensor targets, Tensor memory, Tensor? soft_targets, float temp, "
+        "float momentum, str update) -> (Tensor, Tensor, Tensor)");
+  m.def("_memory_contrastive_backward_cpu(Tensor grad_loss, Tensor inputs, Tensor targets, Tensor(a!) memory, "
+        "Tensor? soft_targets, Tensor logits, Tensor lse, float temp, float momentum, str update) -> Tensor");
+  m.def("_memory_update_cpu(Tensor normalized, Tensor targets, Tensor(a!) memory, float momentum, str update) -> ()");
+  m.def("_cmfp_cpu(Tensor features_v, Tensor features_r, int k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_knn_cpu(Tensor x, Tensor y, int k, str metric, str precision) -> (Tensor, Tensor)");
+  m.def(
+      "_kreciprocal_jaccard_cpu(Tensor features, Tensor initial_rank, Tensor? rank_sim, int k2, Tensor? modality) -> "
+      "(Tensor, Tensor, Tensor)");
+  m.def("_dbscan_dense_cpu(Tensor dist, float eps, int min_samples) -> Tensor");
+  m.def("_dbscan_csr_cpu(Tensor crow, Tensor col, Tensor values, float eps, int min_samples, float fill) -> Tensor");
 }

@@ -327,8 +327,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
   TORCH_CHECK(b.dim() == 2 && b.size(0) == B && b.size(1) == K && b.scalar_type() == at::kDouble,
               "vireid::sinkhorn: b must be float64 (B, K)");
   TORCH_CHECK(N > 0 && K > 0, "vireid::sinkhorn: cost must be non-empty");
-  TORCH_CHECK(lam > 0, "vireid::sinkhorn: lam must be > 0");
-  const at::Tensor c = cost.contiguous();
+  TORCH_CHECK_VALUE(lam > 0 && std::isfinite(lam), "lam must be a finite number > 0, got ", lam);
+  TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
+  check_finite(cost, "cost");
+  // Each cost row shifted by its minimum, as the reference and the Triton kernel do: the plan and the iterates are
+  // unchanged (f absorbs the shift), and the potentials stay small where lam * cost is huge. Unshifted, a float32 cost
+  // with entries ~1e29 and lam = 50 drove the float-typed buffers to inf - inf = NaN.
+  const at::Tensor c = (cost - std::get<0>(cost.min(2, /*keepdim=*/true))).contiguous();
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   at::Tensor plan_out = at::empty_like(c);
   at::Tensor n_iter = at::empty({B}, cost.options().dtype(at::kLong));
@@ -346,4 +351,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(const at::Tensor& co
 }  // namespace
 }  // namespace vireid
 
-TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("sinkhorn", &vireid::sinkhorn_cpu); }
+TORCH_LIBRARY_IMPL(vireid, CPU, m) { m.impl("_sinkhorn_cpu", &vireid::sinkhorn_cpu); }

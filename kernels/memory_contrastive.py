@@ -159,8 +159,9 @@ def _update_kernel(xn_ptr, order_ptr, starts_ptr, labels_ptr, mem_ptr, D, mu, on
         for k in range(first, last):
             i = tl.load(order_ptr + k).to(tl.int64)
             x = tl.load(xn_ptr + i * D + dims, mask=mask, other=0.0)
-            m = m * mu + one_minus * x
-            m = m / tl.sqrt(tl.sum(m * m, axis=0))
+            v = m * mu + one_minus * x
+            sq = tl.sum(v * v, axis=0)
+            m = tl.where(sq > 0, v / tl.sqrt(sq), m)  # a zero-norm step keeps the row (never 0/0)
     else:
         if MODE == 1:  # hard: the member least similar to the current prototype (first one on ties)
             best = tl.load(order_ptr + first).to(tl.int64)
@@ -178,8 +179,9 @@ def _update_kernel(xn_ptr, order_ptr, starts_ptr, labels_ptr, mem_ptr, D, mu, on
                 i = tl.load(order_ptr + k).to(tl.int64)
                 chosen += tl.load(xn_ptr + i * D + dims, mask=mask, other=0.0)
             chosen = chosen / (last - first).to(tl.float32)
-        m = m * mu + one_minus * chosen
-        m = m / tl.sqrt(tl.sum(m * m, axis=0))
+        v = m * mu + one_minus * chosen
+        sq = tl.sum(v * v, axis=0)
+        m = tl.where(sq > 0, v / tl.sqrt(sq), m)  # a zero-norm step keeps the row (never 0/0)
     tl.store(mem_ptr + label * D + dims, m, mask=mask)
 
 

@@ -1,7 +1,9 @@
 """Log-domain Sinkhorn in Triton: a column-update kernel, a row-update kernel and a plan kernel.
 
 Same iteration as ``vireid_fast.ops.reference.sinkhorn_ref``; both log-sum-exps are exact online (max-rescaled)
-reductions, so no shift heuristics are needed. Potentials are kept in the cost's dtype.
+reductions. Potentials are kept in the cost's dtype, so each cost row is first shifted by its minimum (as the reference
+does): the plan and the iterates are unchanged, and the potentials stay near log-marginal size where lam * cost is
+large (unshifted, a constant float32 cost of 1e8 gave a plan summing to 16).
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def _blocks(n: int, k: int, interpreted: bool) -> tuple[int, int]:
 def launch(cost: torch.Tensor, lam: float, a: torch.Tensor, b: torch.Tensor, max_iter: int,
            tol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Arguments and results as ``sinkhorn_ref``: cost (B, N, K) float32/float64, a (B, N), b (B, K) float64."""
-    cost = cost.contiguous()
+    cost = (cost.double() - cost.double().amin(dim=2, keepdim=True)).to(cost.dtype).contiguous()
     batch, n, k = cost.shape
     dtype, device = cost.dtype, cost.device
     block_n, block_k = _blocks(n, k, device.type == "cpu")

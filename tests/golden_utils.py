@@ -1,4 +1,4 @@
-"""Helpers for reading the golden files of ../shared/golden."""
+"""Helpers for reading the golden files of tests/golden (the community code's outputs, see tests/golden/README.md)."""
 
 import numpy as np
 

@@ -53,10 +53,11 @@ def test_phase_timer_counts_each_second_once():
     with timer("cluster"):
         time.sleep(0.05)
         with timer("associate"):
-            time.sleep(0.1)
+            time.sleep(0.5)
         time.sleep(0.05)
-    assert 0.095 <= timer.totals["cluster"] < 0.15
-    assert 0.095 <= timer.totals["associate"] < 0.15
+    # generous upper bound for a loaded machine; counting the nested phase twice would give >= 0.6
+    assert 0.095 <= timer.totals["cluster"] < 0.45
+    assert 0.5 <= timer.totals["associate"]
 
 
 def test_modality_one_spelling():

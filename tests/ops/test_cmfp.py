@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import vireid_fast
 from vireid_fast.ops import cmfp, cmfp_rerank
 from vireid_fast.ops.reference import cmfp_ref
 
@@ -181,10 +182,13 @@ def test_bad_inputs(args, err, match):
         cmfp(*args(fv, fr))
 
 
-def test_cpp_kernel_checks_sizes():
+def test_raw_op_checks_sizes():
     fv, fr = _features(8, 5, 4)
-    with pytest.raises(RuntimeError, match="k must be"):
+    with pytest.raises(ValueError, match=r"k must be in \[1, min\(N_v, N_r\)\] = \[1, 5\]"):
         torch.ops.vireid.cmfp(fv, fr, 9)
+    if vireid_fast.backends()["cpp"]["available"]:  # the C++ twin behind the validation layer refuses it too
+        with pytest.raises(RuntimeError, match="k must be"):
+            torch.ops.vireid._cmfp_cpu(fv, fr, 9)
 
 
 def test_opcheck():

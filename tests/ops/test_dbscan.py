@@ -41,7 +41,7 @@ def test_matches_sklearn(backend, seed, eps, min_samples):
     expected = sklearn_labels(dense, eps, min_samples)
     backend("cpp")
     np.testing.assert_array_equal(dbscan(torch.from_numpy(dense), eps, min_samples).numpy(), expected)
-    np.testing.assert_array_equal(dbscan(to_csr(dense), eps, min_samples).numpy(), expected)
+    np.testing.assert_array_equal(dbscan(to_csr(dense), eps, min_samples, fill=1.0).numpy(), expected)
     np.testing.assert_array_equal(dbscan(torch.from_numpy(dense).double(), eps, min_samples).numpy(), expected)
 
 
@@ -71,25 +71,25 @@ def test_border_point_joins_the_lower_numbered_cluster(backend):
     assert list(expected) == [0, 0, 0, 0, 0, 1, 1, 1, 1]
     backend("cpp")
     assert dbscan(torch.from_numpy(d), 0.3, 4).tolist() == list(expected)
-    assert dbscan(to_csr(d), 0.3, 4).tolist() == list(expected)
+    assert dbscan(to_csr(d), 0.3, 4, fill=1.0).tolist() == list(expected)
     # Reorder so that the other group is numbered first: the border point follows the lower number.
     perm = [5, 6, 7, 8, 4, 0, 1, 2, 3]
     dp = d[np.ix_(perm, perm)]
     expected = sklearn_labels(dp, 0.3, 4)
     assert list(expected) == [0, 0, 0, 0, 0, 1, 1, 1, 1]
-    assert dbscan(to_csr(dp), 0.3, 4).tolist() == list(expected)
+    assert dbscan(to_csr(dp), 0.3, 4, fill=1.0).tolist() == list(expected)
     # And with the border point first in index order.
     perm = [4, 0, 1, 2, 3, 5, 6, 7, 8]
     dp = d[np.ix_(perm, perm)]
-    assert dbscan(to_csr(dp), 0.3, 4).tolist() == list(sklearn_labels(dp, 0.3, 4))
+    assert dbscan(to_csr(dp), 0.3, 4, fill=1.0).tolist() == list(sklearn_labels(dp, 0.3, 4))
 
 
 def test_all_noise_and_one_cluster(backend):
     backend("cpp")
     d = random_jaccard_like(25, 4)
-    assert (dbscan(to_csr(d), 1e-7, 2) == -1).all()
+    assert (dbscan(to_csr(d), 1e-7, 2, fill=1.0) == -1).all()
     assert (sklearn_labels(d, 1e-7, 2) == -1).all()
-    assert (dbscan(to_csr(d), 1.0, 2) == 0).all()
+    assert (dbscan(to_csr(d), 1.0, 2, fill=1.0) == 0).all()
     one = np.full((5, 5), 0.2, dtype=np.float32)
     assert dbscan(torch.from_numpy(one), 0.5, 5).tolist() == [0] * 5
 
@@ -100,8 +100,8 @@ def test_single_point_and_missing_diagonal(backend):
     assert dbscan(torch.zeros(1, 1), 0.5, 2).tolist() == [-1]
     # A CSR without its diagonal: the diagonal is the fill (1.0), so a point is not its own neighbour for eps < 1.
     d = np.array([[1.0, 0.1], [0.1, 1.0]], dtype=np.float32)
-    assert dbscan(to_csr(d), 0.5, 2).tolist() == list(sklearn_labels(d, 0.5, 2))
-    assert dbscan(to_csr(d), 0.5, 1).tolist() == list(sklearn_labels(d, 0.5, 1))
+    assert dbscan(to_csr(d), 0.5, 2, fill=1.0).tolist() == list(sklearn_labels(d, 0.5, 2))
+    assert dbscan(to_csr(d), 0.5, 1, fill=1.0).tolist() == list(sklearn_labels(d, 0.5, 1))
 
 
 def test_eps_compared_in_float32_like_sklearn(backend):
@@ -112,21 +112,22 @@ def test_eps_compared_in_float32_like_sklearn(backend):
     for ms in (1, 2, 3):
         expected = sklearn_labels(d, eps, ms)
         assert dbscan(torch.from_numpy(d), eps, ms).tolist() == list(expected)
-        assert dbscan(to_csr(d), eps, ms).tolist() == list(expected)
+        assert dbscan(to_csr(d), eps, ms, fill=1.0).tolist() == list(expected)
 
 
-@pytest.mark.parametrize("args, error", [
-    ((torch.zeros(3), 0.5, 2), ValueError),
-    ((torch.zeros(3, 4), 0.5, 2), ValueError),
-    ((torch.zeros(0, 0), 0.5, 2), ValueError),
-    ((torch.zeros(3, 3), 0.0, 2), ValueError),
-    ((torch.zeros(3, 3), 0.5, 0), ValueError),
-    ((torch.full((3, 3), float("nan")), 0.5, 2), ValueError),
-    ((np.zeros((3, 3)), 0.5, 2), TypeError),
-    ((torch.zeros(3, 3, dtype=torch.int64), 0.5, 2), TypeError),
+@pytest.mark.parametrize("args, error, match", [
+    ((torch.zeros(3), 0.5, 2), ValueError, r"dist must be 2-D, got shape \(3,\)"),
+    ((torch.zeros(3, 4), 0.5, 2), ValueError, r"dist must be square \(N, N\), got shape \(3, 4\)"),
+    ((torch.zeros(0, 0), 0.5, 2), ValueError, "dist is empty"),
+    ((torch.zeros(3, 3), 0.0, 2), ValueError, "eps must be a finite number > 0, got 0.0"),
+    ((torch.zeros(3, 3), float("inf"), 2), ValueError, "eps must be a finite number > 0, got inf"),
+    ((torch.zeros(3, 3), 0.5, 0), ValueError, "min_samples must be >= 1, got 0"),
+    ((torch.full((3, 3), float("nan")), 0.5, 2), ValueError, "dist contains NaN or Inf"),
+    ((np.zeros((3, 3)), 0.5, 2), TypeError, "dist must be a torch.Tensor .* got ndarray"),
+    ((torch.zeros(3, 3, dtype=torch.int64), 0.5, 2), TypeError, "dist must have dtype float32.*got int64"),
 ])
-def test_bad_inputs(args, error):
-    with pytest.raises(error):
+def test_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
         dbscan(*args)
 
 
@@ -135,8 +136,8 @@ def test_duplicate_csr_entries_are_rejected(backend):
     crow = torch.tensor([0, 2, 3])
     col = torch.tensor([1, 1, 0])
     dup = torch.sparse_csr_tensor(crow, col, torch.tensor([0.1, 0.2, 0.1]), (2, 2))
-    with pytest.raises(ValueError, match="duplicate"):
-        dbscan(dup, 0.5, 1)
+    with pytest.raises(ValueError, match=r"duplicate entries in row 0 \(column 1\); coalesce"):
+        dbscan(dup, 0.5, 1, fill=1.0)
 
 
 def test_opcheck():

@@ -20,6 +20,10 @@ CPP_OK = vireid_fast.backends()["cpp"]["available"]
 def test_python_schema_mirror_matches_extension(name):
     registered = str(getattr(torch.ops.vireid, name).default._schema)
     assert registered == f"vireid::{SCHEMAS[name]}"
+    # The C++ kernel is the private twin _<name>_cpu with the same signature (the public op's CPU kernel runs the
+    # validation layer, then calls it).
+    twin = str(getattr(torch.ops.vireid, f"_{name}_cpu").default._schema)
+    assert twin == f"vireid::_{name}_cpu{SCHEMAS[name][len(name):]}"
 
 
 def test_backends_report():
@@ -92,8 +96,19 @@ def test_import_without_extension_falls_back_with_one_warning():
 def test_extension_built_for_another_torch_is_refused(tmp_path, monkeypatch):
     fake = tmp_path / "_C.cpython-311-x86_64-linux-gnu.so"
     fake.write_bytes(b"\x7fELF....VIREID_TORCH_VERSION=1.0.0;....")
+    monkeypatch.delenv("VIREID_DISABLE_EXTENSION", raising=False)  # also in the fallback run of make test
     monkeypatch.setattr(_extension, "_library_path", lambda: str(fake))
     monkeypatch.setattr(_extension, "_state", {"tried": False, "loaded": False, "path": None, "reason": ""})
     with pytest.warns(RuntimeWarning, match="built for torch 1.0.0"):
         assert _extension.load() is False
     assert "pip install -e . --no-build-isolation" in _extension.status()[1]
+
+
+def test_goldens_ship_with_the_tests_and_a_missing_one_fails(golden):
+    # The equality tests read tests/golden in every checkout; an absent file must fail them, never skip them.
+    folder = os.path.join(os.path.dirname(os.path.dirname(__file__)), "golden")
+    for name in ("jaccard.npz", "memory.npz", "eval.npz", "cmfp.npz", "README.md"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    with pytest.raises(BaseException) as info:  # noqa: PT011 - the outcome type is asserted below
+        golden("absent.npz")
+    assert info.type is pytest.fail.Exception

@@ -9,6 +9,7 @@ import vireid_fast  # noqa: F401
 from tests.golden_utils import golden_dense
 from vireid_fast.ops import knn, kreciprocal_jaccard
 from vireid_fast.ops.reference import kreciprocal_jaccard_ref
+from vireid_fast.ops.sparse import SparseDistance
 
 SETTINGS = [(20, 6), (30, 6), (30, 1)]
 
@@ -31,7 +32,7 @@ def test_golden_dense_and_sparse(golden, backend, k1, k2):
     np.testing.assert_allclose(dense.numpy(), expected, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(dense.numpy() < 1, expected < 1)  # same support
     sparse = kreciprocal_jaccard(feats, k1, k2, sparse=True)
-    assert sparse.layout == torch.sparse_csr
+    assert isinstance(sparse, SparseDistance) and sparse.fill == 1.0
     assert bool((sparse.values() < 1).all())
     as_dense = torch.ones(sparse.shape)
     rows = torch.repeat_interleave(torch.arange(sparse.shape[0]), sparse.crow_indices().diff())
@@ -99,21 +100,22 @@ def test_public_backends_agree(backend):
     assert torch.allclose(torch.diagonal(got), torch.zeros(50), atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, error", [
-    (dict(k1=10), ValueError),   # k1 >= N
-    (dict(k1=0), ValueError),
-    (dict(k1=4, k2=5), ValueError),
-    (dict(k2=0), ValueError),
-    (dict(features=torch.randn(10)), ValueError),
-    (dict(features=torch.randn(0, 4)), ValueError),
-    (dict(features=torch.full((10, 4), float("nan"))), ValueError),
-    (dict(modality=torch.zeros(9, dtype=torch.long)), ValueError),
-    (dict(modality=torch.full((10,), 2)), ValueError),
-    (dict(modality=torch.zeros(10)), ValueError),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(k1=10), ValueError, "k1=10 must be smaller than the number of features N=10"),   # k1 >= N
+    (dict(k1=0), ValueError, "k1 must be >= 1, got 0"),
+    (dict(k1=4, k2=5), ValueError, "k2=5 must be <= k1=4"),
+    (dict(k2=0), ValueError, "k2 must be >= 1, got 0"),
+    (dict(features=torch.randn(10)), ValueError, r"features must be 2-D, got shape \(10,\)"),
+    (dict(features=torch.randn(0, 4)), ValueError, "features is empty"),
+    (dict(features=torch.full((10, 4), float("nan"))), ValueError, "features contains NaN or Inf"),
+    (dict(modality=torch.zeros(9, dtype=torch.long)), ValueError, r"modality must be an \(N,\)=10 integer tensor"),
+    (dict(modality=torch.full((10,), 2)), ValueError, r"modality must lie in \[0, 2\), got values in \[2, 2\]"),
+    (dict(modality=torch.zeros(10)), ValueError, "modality must be an .* integer tensor of 0/1, got .*float32"),
+    (dict(features=[[1.0, 0.0]] * 10), TypeError, "features must be a torch.Tensor, got list"),
 ])
-def test_bad_inputs(kwargs, error):
+def test_bad_inputs(kwargs, error, match):
     args = dict(features=torch.nn.functional.normalize(torch.randn(10, 4), dim=1), k1=5, k2=2) | kwargs
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         kreciprocal_jaccard(args.pop("features"), args.pop("k1"), args.pop("k2"), **args)
 
 

@@ -9,9 +9,10 @@ from vireid_fast.kernels import kreciprocal_jaccard as device_kernel
 
 import vireid_fast  # noqa: F401
 from tests.golden_utils import golden_dense
-from vireid_fast.ops import knn, kreciprocal_jaccard
+from vireid_fast.ops import _registry, knn, kreciprocal_jaccard
 from vireid_fast.ops.jaccard import csr_to_dense
 from vireid_fast.ops.reference import kreciprocal_jaccard_ref
+from vireid_fast.ops.sparse import SparseDistance
 
 
 def clustered_with_duplicates(n, d, seed):
@@ -95,7 +96,7 @@ def test_public_function_routes_to_device_path(backend, monkeypatch, k1, k2, mod
     monkeypatch.setattr(device_kernel, "launch", spy)
     backend("triton")
     got = kreciprocal_jaccard(feats, k1, k2, sparse=True, modality=modality)
-    assert len(calls) == 1 and got.layout == torch.sparse_csr and got.shape == (40, 40)
+    assert len(calls) == 1 and isinstance(got, SparseDistance) and got.shape == (40, 40)
     backend("cpp")
     expected = kreciprocal_jaccard(feats, k1, k2, sparse=True, modality=modality)
     assert_same_csr((got.crow_indices(), got.col_indices(), got.values()),
@@ -114,16 +115,26 @@ def test_golden(golden, k1, k2):
     np.testing.assert_allclose(dense, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change", ["rank_range", "rank_dtype", "k2", "rank_sim", "modality", "features"])
-def test_bad_inputs(change):
+@pytest.mark.parametrize("change, own, layer", [
+    ("rank_range", r"initial_rank entries must be in \[0, N\)", (ValueError, r"initial_rank must lie in \[0, 10\)")),
+    ("rank_dtype", "initial_rank must be \\(N, k1\\) int64", (TypeError, "initial_rank must have dtype int64")),
+    ("k2", "1 <= k2 <= k1 \\(N=10, k1=4, k2=5\\)", (ValueError, "k2=5 must be <= k1=4")),
+    ("rank_sim", "rank_sim must be \\(N, k1\\) float32", (ValueError, "rank_sim must have initial_rank's shape")),
+    ("modality", "modality must be \\(N,\\) int64", (ValueError, r"modality must be \(N,\) = \(10,\)")),
+    ("features", "features must be \\(N, d\\) float32", (TypeError, "features must have dtype float32")),
+])
+def test_bad_inputs(change, own, layer):
     feats = clustered_with_duplicates(10, 4, seed=0)
     sim, rank = knn(feats, 4, metric="ip")
     args = dict(features=feats, initial_rank=rank, rank_sim=sim, k2=2, modality=None)
     args |= {"rank_range": dict(initial_rank=rank.clone().fill_(10)), "rank_dtype": dict(initial_rank=rank.int()),
              "k2": dict(k2=5), "rank_sim": dict(rank_sim=sim[:, :3]), "features": dict(features=feats.double()),
              "modality": dict(modality=torch.zeros(9, dtype=torch.long))}[change]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=own):  # the kernel's own guard
         device_kernel.launch(**args)
+    # ... and the op's validation layer in front of it (what torch.ops.vireid.kreciprocal_jaccard runs on CUDA)
+    with pytest.raises(layer[0], match=layer[1]):
+        _registry.checked("kreciprocal_jaccard", device_kernel.launch)(*args.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

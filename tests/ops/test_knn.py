@@ -98,27 +98,34 @@ def test_values_are_detached():
 
 def test_reference_is_the_definition():
     x = torch.randn(40, 7, generator=torch.Generator().manual_seed(2))
+    for metric in ("l2", "ip"):
+        vals, idx = knn_ref(x, x, 6, metric, "fp32")
+        ref_vals, ref_idx = brute_force(x, x, 6, metric)
+        np.testing.assert_array_equal(idx.numpy(), ref_idx)
+        # The values are the float32 roundings of the float64 scores (the l2 expansion's float64 rounding aside).
+        np.testing.assert_allclose(vals.numpy(), ref_vals, rtol=1e-6, atol=1e-6)
+        assert idx.is_contiguous() and vals.is_contiguous()
     vals, idx = knn_ref(x, x, 6, "l2", "fp32")
-    ref_vals, ref_idx = brute_force(x, x, 6, "l2")
-    np.testing.assert_array_equal(idx.numpy(), ref_idx)
     assert (idx[:, 0] == torch.arange(40)).all()  # the point itself comes first
 
 
-@pytest.mark.parametrize("bad, error", [
-    (dict(x=torch.randn(5)), ValueError),
-    (dict(x=torch.randn(0, 3)), ValueError),
-    (dict(k=0), ValueError),
-    (dict(k=6), ValueError),
-    (dict(k=2.0), TypeError),
-    (dict(x=torch.tensor([[float("nan"), 1.0]] * 5)), ValueError),
-    (dict(y=torch.randn(5, 3)), ValueError),
-    (dict(metric="cos"), ValueError),
-    (dict(precision="fp8"), ValueError),
-    (dict(x=torch.ones(5, 2, dtype=torch.int64)), TypeError),
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(x=torch.randn(5)), ValueError, r"x must be 2-D, got shape \(5,\)"),
+    (dict(x=torch.randn(0, 3)), ValueError, "x is empty"),
+    (dict(k=0), ValueError, "k must be >= 1, got 0"),
+    (dict(k=6), ValueError, r"k=6 is larger than the number of database rows \(5\); pass k <= 5"),
+    (dict(k=2.0), TypeError, "k must be an int, got float"),
+    (dict(x=torch.tensor([[float("nan"), 1.0]] * 5)), ValueError, "x contains NaN or Inf"),
+    (dict(y=torch.tensor([[float("inf"), 1.0]] * 5)), ValueError, "y contains NaN or Inf"),
+    (dict(y=torch.randn(5, 3)), ValueError, "x and y must have the same number of columns, got 2 and 3"),
+    (dict(metric="cos"), ValueError, "metric must be one of 'ip', 'l2', got 'cos'"),
+    (dict(precision="fp8"), ValueError, "precision must be one of 'auto', 'fp32', 'bf16', got 'fp8'"),
+    (dict(x=torch.ones(5, 2, dtype=torch.int64)), TypeError, "x must have dtype float32.*got int64"),
+    (dict(x=[[1.0, 2.0]] * 5), TypeError, "x must be a torch.Tensor, got list"),
 ])
-def test_bad_inputs(bad, error):
+def test_bad_inputs(bad, error, match):
     args = dict(x=torch.randn(5, 2), k=3, y=None, metric="ip", precision="fp32") | bad
-    with pytest.raises(error):
+    with pytest.raises(error, match=match):
         knn(args.pop("x"), args.pop("k"), args.pop("y"), **args)
 
 

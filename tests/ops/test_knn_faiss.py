@@ -156,7 +156,7 @@ def test_float64_input_and_validation():
         knn(x, 21, engine="faiss")
     bad = x.clone()
     bad[3, 2] = float("nan")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
         knn(bad, 4, engine="faiss")
 
 

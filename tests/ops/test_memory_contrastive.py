@@ -362,13 +362,23 @@ def test_memory_dtype_error_is_both_value_and_type_error():
     assert issubclass(MemoryDtypeError, ValueError) and issubclass(MemoryDtypeError, TypeError)
 
 
-def test_cpp_kernel_rejects_out_of_range_targets_without_crashing():
+def test_raw_ops_reject_out_of_range_targets_without_crashing():
+    inputs, _, memory = make_case(4, 3, 8, seed=0)
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 3\), got values in \[0, 5\]"):
+        torch.ops.vireid.memory_contrastive(inputs, torch.tensor([0, 1, 5, 0]), memory, None, 0.05, 0.2, "sequential")
+    with pytest.raises(ValueError, match="update must be one of"):
+        torch.ops.vireid.memory_update(F.normalize(inputs, dim=1), torch.tensor([0, 1, 2, 0]), memory, 0.2, "x")
+
+
+def test_cpp_twins_reject_out_of_range_targets_without_crashing():
+    # Behind the validation layer the C++ kernels still refuse what would read out of bounds.
     _skip_unavailable("cpp")
     inputs, _, memory = make_case(4, 3, 8, seed=0)
     with pytest.raises(RuntimeError, match="outside"):
-        torch.ops.vireid.memory_contrastive(inputs, torch.tensor([0, 1, 5, 0]), memory, None, 0.05, 0.2, "sequential")
+        torch.ops.vireid._memory_contrastive_cpu(inputs, torch.tensor([0, 1, 5, 0]), memory, None, 0.05, 0.2,
+                                                 "sequential")
     with pytest.raises(RuntimeError, match="update must be"):
-        torch.ops.vireid.memory_update(F.normalize(inputs, dim=1), torch.tensor([0, 1, 2, 0]), memory, 0.2, "x")
+        torch.ops.vireid._memory_update_cpu(F.normalize(inputs, dim=1), torch.tensor([0, 1, 2, 0]), memory, 0.2, "x")
 
 
 def test_torch_compile_two_calls_on_one_memory_match_eager():

@@ -15,6 +15,7 @@ with one warning per process.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -98,23 +99,74 @@ def triton_module(op: str):
     return importlib.import_module(f"vireid_fast.kernels.{op}")
 
 
-def register(op: str, *, reference: Callable, fake: Callable, kernel_module: str | None = None,
-             launcher: str = "launch", needs_triton: bool = True) -> None:
-    """Register the Python-side kernels of ``vireid::<op>`` (idempotent).
+def cpp_loaded() -> bool:
+    """Whether the compiled CPU kernels are registered (the CPU kernel of each op then calls ``_<op>_cpu``)."""
+    return _extension.status()[0]
 
-    ``reference`` takes the op's schema arguments and serves every device without a dedicated kernel. CUDA tensors go
-    to ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable, or always
+
+def dispatched_backend(device: torch.device) -> str:
+    """The backend ``torch.ops.vireid.<op>`` runs for tensors on ``device`` (the dispatcher's choice)."""
+    if device.type == "cpu":
+        return "cpp" if cpp_loaded() else "reference"
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def checked(op: str, kernel: Callable) -> Callable:
+    """``kernel`` behind the op's validation layer (the check before it, the post-check after it)."""
+    check, after = _checks[op]
+
+    def run(*args):
+        check(*args)
+        out = kernel(*args)
+        if after is not None:
+            after(args, out)
+        return out
+
+    run.__name__ = f"{op}_{getattr(kernel, '__name__', 'kernel')}_checked"
+    return run
+
+
+def run(op: str, backend: str, device: torch.device, *args):
+    """Run ``op`` on ``backend`` (from :func:`choose_backend`): through ``torch.ops.vireid.<op>`` when the dispatcher
+    would choose that backend anyway (traceable, and the only route under ``torch.compile``), else the backend's
+    checked kernel directly (a forced reference on CPU, or Triton's interpreter on CPU tensors)."""
+    if backend == dispatched_backend(device):
+        return getattr(torch.ops.vireid, op)(*args)
+    if backend == "triton":
+        return checked(op, getattr(triton_module(_kernel_modules[op][0]), _kernel_modules[op][1]))(*args)
+    return checked(op, _references[op])(*args)
+
+
+_checks: dict[str, tuple[Callable, Callable | None]] = {}
+_references: dict[str, Callable] = {}
+_kernel_modules: dict[str, tuple[str, str]] = {}
+
+
+def register(op: str, *, reference: Callable, fake: Callable, check: Callable, after: Callable | None = None,
+             kernel_module: str | None = None, launcher: str = "launch", needs_triton: bool = True) -> None:
+    """Register the Python-side kernels of ``vireid::<op>`` (idempotent), each behind ``check``.
+
+    ``check`` takes the op's schema arguments and raises ``ValueError``/``TypeError`` (see ``_checks``); it runs in
+    front of every kernel: the CPU kernel (calling the compiled ``vireid::_<op>_cpu``), the CUDA kernel, the reference
+    and the fake kernel (where only its shape/dtype part applies). ``after(args, outputs)`` may inspect the outputs.
+    ``reference`` serves every device without a dedicated kernel. CUDA tensors go to
+    ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable, or always
     when ``needs_triton`` is False (modules written in torch ops or routing to a host copy).
     """
     global _python_lib
     if op in _registered:
         return
     _registered.add(op)
+    _checks[op] = (check, after)
+    _references[op] = reference
+    _kernel_modules[op] = (kernel_module or op, launcher)
     if not _extension.load():
         if _python_lib is None:
             _python_lib = torch.library.Library("vireid", "DEF")  # noqa: TOR901
         _python_lib.define(SCHEMAS[op])
-    _impl_lib.impl(op, reference, "CompositeExplicitAutograd")
+    else:
+        _impl_lib.impl(op, checked(op, getattr(torch.ops.vireid, f"_{op}_cpu")), "CPU")
+    _impl_lib.impl(op, checked(op, reference), "CompositeExplicitAutograd")
     if not needs_triton:
         _TRITON_FREE.add(op)
 
@@ -125,5 +177,11 @@ def register(op: str, *, reference: Callable, fake: Callable, kernel_module: str
             return reference(*args)
         return getattr(triton_module(kernel_module or op), launcher)(*args)
 
-    _impl_lib.impl(op, cuda_kernel, "CUDA")
-    torch.library.register_fake(f"vireid::{op}")(fake)
+    _impl_lib.impl(op, checked(op, cuda_kernel), "CUDA")
+
+    @functools.wraps(fake)
+    def fake_kernel(*args):
+        check(*args)  # shapes, dtypes and scalars; value checks skip fake tensors
+        return fake(*args)
+
+    torch.library.register_fake(f"vireid::{op}")(fake_kernel)

@@ -44,6 +44,10 @@ def check_finite(name: str, x: torch.Tensor) -> None:
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """All given tensors (None skipped) on one device; anything else than a tensor is a TypeError naming it."""
+    for name, value in tensors.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.as_tensor")
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
     if len(devices) > 1:

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_same_device, check_same_width, check_tensor
+from ._checks import check_cmfp
+from ._validation import FLOAT_DTYPES, check_same_device, check_same_width, check_tensor
 from .reference import cmfp_ref
 
 __all__ = ["CMFPResult", "cmfp", "cmfp_ref", "cmfp_rerank"]
@@ -43,7 +44,7 @@ def _cmfp_fake(features_v, features_r, k):
             features_v.new_empty((nnz,)))
 
 
-_registry.register("cmfp", reference=cmfp_ref, fake=_cmfp_fake)
+_registry.register("cmfp", reference=cmfp_ref, fake=_cmfp_fake, check=check_cmfp)
 
 
 def _check(features_v, features_r, k):
@@ -57,17 +58,10 @@ def _check(features_v, features_r, k):
     if not 1 <= k <= limit:
         raise ValueError(f"k must be in [1, min(N_v, N_r)] = [1, {limit}] (neighbours kept per row and block), got "
                          f"{k}; lower k or pass more features")
-    check_finite("features_v", features_v)
-    check_finite("features_r", features_r)
 
 
 def _run(fv: torch.Tensor, fr: torch.Tensor, k: int):
-    backend = _registry.choose_backend("cmfp", fv.device)
-    if backend == "reference":
-        return cmfp_ref(fv, fr, k)
-    if backend == "triton" and fv.device.type == "cpu":
-        return _registry.triton_module("cmfp").launch(fv, fr, k)
-    return torch.ops.vireid.cmfp(fv, fr, k)
+    return _registry.run("cmfp", _registry.choose_backend("cmfp", fv.device), fv.device, fv, fr, k)
 
 
 def cmfp(features_v: torch.Tensor, features_r: torch.Tensor, k: int, *,

@@ -1,21 +1,21 @@
 """k-reciprocal Jaccard distance, the community's ``compute_jaccard_distance`` (spec: shared/spec/jaccard.md).
 
-Dense output equals the community's (N, N) float32 array; sparse output is a CSR tensor holding only the entries < 1
-(all others are exactly 1.0), computed without any N x N allocation.
+Dense output equals the community's (N, N) float32 array; sparse output is a :class:`SparseDistance` holding only the
+entries < 1 and the fill 1.0 of all others, computed without any N x N allocation.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_int, check_tensor, tracing
+from ._checks import check_kreciprocal_jaccard, finite
+from ._validation import FLOAT_DTYPES, check_int, check_tensor
 from .knn import knn
 from .reference import kreciprocal_jaccard_ref
+from .sparse import SparseDistance, csr_to_dense
 
-__all__ = ["csr_to_dense", "kreciprocal_jaccard", "kreciprocal_jaccard_ref"]
+__all__ = ["SparseDistance", "csr_to_dense", "kreciprocal_jaccard", "kreciprocal_jaccard_ref"]
 
 
 def _jaccard_fake(features, initial_rank, rank_sim, k2, modality):
@@ -26,16 +26,7 @@ def _jaccard_fake(features, initial_rank, rank_sim, k2, modality):
 
 
 _registry.register("kreciprocal_jaccard", reference=kreciprocal_jaccard_ref, fake=_jaccard_fake,
-                   needs_triton=False)
-
-
-def csr_to_dense(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int,
-                 fill: float = 1.0) -> torch.Tensor:
-    """(N, N) float32 matrix equal to ``fill`` except at the CSR entries."""
-    dense = torch.full((n, n), fill, dtype=values.dtype, device=values.device)
-    rows = torch.repeat_interleave(torch.arange(n, device=crow.device), crow.diff())
-    dense[rows, col] = values
-    return dense
+                   check=check_kreciprocal_jaccard, needs_triton=False)
 
 
 def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sparse: bool = False,
@@ -47,8 +38,9 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
         features: (N, d) float32 (other float dtypes are cast), L2-normalised as the community code expects.
         k1: k-reciprocal neighbourhood size, 1 <= k1 < N (callers use 20, 30, 40).
         k2: query-expansion size, 1 <= k2 <= k1 (1 = none).
-        sparse: return a ``torch.sparse_csr_tensor`` holding only the entries < 1 (others are 1.0) instead of the
-            dense (N, N) float32 tensor.
+        sparse: return a :class:`~vireid_fast.ops.sparse.SparseDistance` holding only the entries < 1 and
+            ``fill=1.0`` for all others, instead of the dense (N, N) float32 tensor. Its ``to_dense()`` fills 1.0 (a
+            torch sparse CSR tensor would fill 0, "identical"), and :func:`vireid_fast.ops.dbscan` takes it as is.
         modality: optional (N,) integer tensor of 0/1 (visible/infrared): PCLHD's modality-invariant query expansion
             (the mean of each modality's rows among R[i][:k2], then the mean of the modalities present).
         precision: the kNN candidate search (see :func:`vireid_fast.ops.knn`); the result does not depend on it.
@@ -57,7 +49,7 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
             community's faiss ``IndexFlatL2``; it differs from "ip" when the rows' norms differ). The encoding weights
             are ``softmax(-(2 - 2 f_i.f_j))`` either way, as in the community code.
     Returns:
-        (N, N) float32 dense tensor, or a CSR tensor of that shape with float32 values.
+        (N, N) float32 dense tensor, or a :class:`SparseDistance` of that shape with float32 values and fill 1.0.
     """
     check_tensor("features", features, dims=(2,), dtypes=FLOAT_DTYPES)
     n = features.shape[0]
@@ -70,7 +62,7 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
     if k2 > k1:
         raise ValueError(f"k2={k2} must be <= k1={k1}")
     feats = features.float().contiguous()
-    check_finite("features", feats)
+    finite("features", feats)  # before the kNN, which would blame its argument x
     mod = None
     if modality is not None:
         check_tensor("modality", modality, dims=(1,))
@@ -78,22 +70,13 @@ def kreciprocal_jaccard(features: torch.Tensor, k1: int = 30, k2: int = 6, *, sp
             raise ValueError(f"modality must be an (N,)={n} integer tensor of 0/1, got {tuple(modality.shape)} "
                              f"{modality.dtype}")
         mod = modality.to(device=feats.device, dtype=torch.int64).contiguous()
-        if not tracing() and not bool(((mod == 0) | (mod == 1)).all()):
-            raise ValueError("modality must hold only 0 (visible) and 1 (infrared)")
     # Nearest by inner product (the spec's order for L2-normalised features); the products are reused in step 4.
     # By squared L2 the kNN values are distances, so the op recomputes the products itself (rank_sim=None).
     sim, rank = knn(feats, k1, metric=metric, precision=precision)
     if metric == "l2":
         sim = None
     backend = _registry.choose_backend("kreciprocal_jaccard", feats.device)
-    if backend == "reference":
-        crow, col, values = kreciprocal_jaccard_ref(feats, rank, sim, k2, mod)
-    elif backend == "triton" and feats.device.type == "cpu":
-        crow, col, values = _registry.triton_module("kreciprocal_jaccard").launch(feats, rank, sim, k2, mod)
-    else:
-        crow, col, values = torch.ops.vireid.kreciprocal_jaccard(feats, rank, sim, k2, mod)
+    crow, col, values = _registry.run("kreciprocal_jaccard", backend, feats.device, feats, rank, sim, k2, mod)
     if sparse:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+        return SparseDistance(crow, col, values, n, fill=1.0)
     return csr_to_dense(crow, col, values, n)

@@ -12,7 +12,8 @@ import os
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_int, check_same_device, check_tensor, tracing
+from ._checks import check_knn, choice, finite
+from ._validation import FLOAT_DTYPES, check_int, check_same_device, check_tensor, tracing
 from .reference import knn_ref
 
 __all__ = ["knn", "knn_ref"]
@@ -26,7 +27,7 @@ def _knn_fake(x, y, k, metric, precision):
     return x.new_empty((x.shape[0], k)), x.new_empty((x.shape[0], k), dtype=torch.int64)
 
 
-_registry.register("knn", reference=knn_ref, fake=_knn_fake)
+_registry.register("knn", reference=knn_ref, fake=_knn_fake, check=check_knn)
 
 
 def _bf16_worthwhile(x: torch.Tensor, m: int) -> bool:
@@ -86,30 +87,23 @@ def knn(x: torch.Tensor, k: int, y: torch.Tensor | None = None, *, metric: str =
         check_same_device(x=x, y=y)
         if y.shape[1] != x.shape[1]:
             raise ValueError(f"x and y must have the same number of columns, got {x.shape[1]} and {y.shape[1]}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be 'ip' or 'l2', got {metric!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    choice("metric", metric, METRICS)
+    choice("precision", precision, PRECISIONS)
+    choice("engine", engine, ENGINES)
     m = x.shape[0] if y is None else y.shape[0]
     check_int("k", k, 1)
     if k > m:
         raise ValueError(f"k={k} is larger than the number of database rows ({m}); pass k <= {m}")
     xf = x.detach().float().contiguous()  # a search: the values are not differentiable
     yf = xf if y is None else y.detach().float().contiguous()
-    check_finite("x", xf)
-    if y is not None:
-        check_finite("y", yf)
     if precision == "auto":
         precision = "bf16" if _bf16_worthwhile(xf, m) else "fp32"
     if _registry.requested_backend() != "reference" and _use_faiss(engine, xf.device):
         from .knn_faiss import knn_faiss
 
+        finite("x", xf)  # faiss is not behind the op's validation layer
+        if y is not None:
+            finite("y", yf)
         return knn_faiss(xf, None if y is None else yf, k, metric)
     backend = _registry.choose_backend("knn", xf.device)
-    if backend == "reference":
-        return knn_ref(xf, yf, k, metric, precision)
-    if backend == "triton" and xf.device.type == "cpu":
-        return _registry.triton_module("knn").launch(xf, yf, k, metric, precision)
-    return torch.ops.vireid.knn(xf, yf, k, metric, precision)
+    return _registry.run("knn", backend, xf.device, xf, yf, k, metric, precision)

@@ -14,12 +14,18 @@ autograd engine runs the later call's backward first. Nothing is cloned, so no v
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _registry
-from ._validation import FLOAT_DTYPES, check_finite, check_same_device, check_tensor, tracing
+from ._checks import (
+    after_memory_contrastive,
+    check_memory_contrastive,
+    check_memory_contrastive_backward,
+    check_memory_update,
+    finite,
+    number,
+)
+from ._validation import FLOAT_DTYPES, check_same_device, check_tensor
 from .reference import (
     MEMORY_UPDATE_MODES,
     memory_contrastive_backward_ref,
@@ -47,11 +53,13 @@ def _update_fake(normalized, targets, memory, momentum, update):
     return None
 
 
-_registry.register("memory_contrastive", reference=memory_contrastive_ref, fake=_forward_fake)
+_registry.register("memory_contrastive", reference=memory_contrastive_ref, fake=_forward_fake,
+                   check=check_memory_contrastive, after=after_memory_contrastive)
 _registry.register("memory_contrastive_backward", reference=memory_contrastive_backward_ref, fake=_backward_fake,
-                   kernel_module="memory_contrastive", launcher="launch_backward")
-_registry.register("memory_update", reference=memory_update_ref, fake=_update_fake, kernel_module="memory_contrastive",
-                   launcher="launch_update")
+                   check=check_memory_contrastive_backward, kernel_module="memory_contrastive",
+                   launcher="launch_backward")
+_registry.register("memory_update", reference=memory_update_ref, fake=_update_fake, check=check_memory_update,
+                   kernel_module="memory_contrastive", launcher="launch_update")
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,16 +120,10 @@ class _EagerMemoryContrastive(torch.autograd.Function):
 
 
 def _check_hyper(temp, momentum, update) -> tuple[float, float]:
-    for name, value in (("temp", temp), ("momentum", momentum)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    temp, momentum = float(temp), float(momentum)
-    if not (temp > 0 and temp != float("inf")):
-        raise ValueError(f"temp must be a finite number > 0, got {temp}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1) (the weight kept by the old prototype), got {momentum}")
+    temp = number("temp", temp, positive=True)
+    momentum = number("momentum", momentum, lower=0.0, upper=1.0, what=" (the weight kept by the old prototype)")
     if update not in MEMORY_UPDATE_MODES:
-        raise ValueError(f"update must be one of {', '.join(MEMORY_UPDATE_MODES)}, got {update!r}")
+        raise ValueError(f"update must be one of {', '.join(repr(m) for m in MEMORY_UPDATE_MODES)}, got {update!r}")
     return temp, momentum
 
 
@@ -151,28 +153,14 @@ def _check_targets(targets, batch: int, classes: int) -> torch.Tensor:
         raise ValueError(f"targets must be (B,) = ({batch},) to match inputs, got shape {tuple(targets.shape)}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor of labels, got {targets.dtype}")
-    targets = targets.to(torch.int64).contiguous()
-    if not tracing():
-        lo, hi = (int(v) for v in torch.aminmax(targets))
-        if lo < 0 or hi >= classes:
-            raise ValueError(f"targets must lie in [0, {classes}) (one row of memory per label), got values in "
-                             f"[{lo}, {hi}]; relabel the batch or rebuild the memory with more rows")
-    return targets
+    return targets.to(torch.int64).contiguous()  # the range is checked by the op (_checks)
 
 
 def _check_soft(soft_targets, batch: int, classes: int) -> torch.Tensor:
     check_tensor("soft_targets", soft_targets, dims=(2,), dtypes=FLOAT_DTYPES)
     if tuple(soft_targets.shape) != (batch, classes):
         raise ValueError(f"soft_targets must be (B, C) = ({batch}, {classes}), got {tuple(soft_targets.shape)}")
-    check_finite("soft_targets", soft_targets)
-    if not tracing():
-        sums = soft_targets.detach().double().sum(1)
-        tol = 1e-3 if soft_targets.dtype in (torch.float32, torch.float64) else 2e-2
-        if bool((sums - 1).abs().max() > tol) or bool((soft_targets < 0).any()):
-            raise ValueError("soft_targets rows must be probability distributions (non-negative, summing to 1); got "
-                             f"row sums in [{float(sums.min()):.4g}, {float(sums.max()):.4g}]; use softmax or divide "
-                             "by the row sum")
-    return soft_targets.contiguous()
+    return soft_targets.contiguous()  # values (finite, distributions) are checked by the op (_checks)
 
 
 def memory_contrastive(inputs: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, *, temp: float = 0.05,
@@ -212,25 +200,17 @@ def memory_contrastive(inputs: torch.Tensor, targets: torch.Tensor, memory: torc
         soft_targets = _check_soft(soft_targets, batch, classes)
     inputs = inputs.contiguous()
     backend = _registry.choose_backend("memory_contrastive", inputs.device)
+    if backend == _registry.dispatched_backend(inputs.device):
+        # The op: traceable by torch.compile (also the reference, when it is the CPU kernel of the fallback).
+        return torch.ops.vireid.memory_contrastive(inputs, targets, memory, soft_targets, temp, momentum, update)[0]
     if backend == "reference":
-        loss = _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
-                                             memory_contrastive_ref, memory_contrastive_backward_ref)
-    elif backend == "triton" and inputs.device.type == "cpu":
+        forward, backward = memory_contrastive_ref, memory_contrastive_backward_ref
+    else:  # Triton's interpreter on CPU tensors
         kernels = _registry.triton_module("memory_contrastive")
-        loss = _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
-                                             kernels.launch, kernels.launch_backward)
-    else:
-        loss = torch.ops.vireid.memory_contrastive(inputs, targets, memory, soft_targets, temp, momentum, update)[0]
-    # Any NaN/Inf in inputs or memory makes the loss NaN (normalisation and log-sum-exp propagate it), so one scalar
-    # test replaces two full scans; the culprit is looked up only then. The forward never touches memory.
-    if not tracing() and not math.isfinite(loss.item()):  # item(): one sync, no temporaries (isfinite makes three)
-        check_finite("inputs", inputs)
-        check_finite("memory", memory)
-        if soft_targets is not None:
-            check_finite("soft_targets", soft_targets)
-        raise ValueError("the loss is not finite although inputs and memory are; check for rows of memory that are "
-                         "zero (they cannot be normalised) or a temp so small that the logits overflow")
-    return loss
+        forward, backward = kernels.launch, kernels.launch_backward
+    return _EagerMemoryContrastive.apply(inputs, targets, memory, soft_targets, temp, momentum, update,
+                                         _registry.checked("memory_contrastive", forward),
+                                         _registry.checked("memory_contrastive_backward", backward))
 
 
 def memory_update(features: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, *, momentum: float = 0.2,
@@ -249,16 +229,11 @@ def memory_update(features: torch.Tensor, targets: torch.Tensor, memory: torch.T
         raise ValueError(f"features and memory must share D, got {features.shape[1]} and {memory.shape[1]}")
     check_same_device(features=features, targets=targets, memory=memory)
     targets = _check_targets(targets, features.shape[0], memory.shape[0])
-    check_finite("features", features)
+    finite("features", features)
     with torch.no_grad():
         x = features.detach().to(memory.dtype)
         if not normalized:
             x = torch.nn.functional.normalize(x, dim=1)
         x = x.contiguous()
         backend = _registry.choose_backend("memory_contrastive", x.device)
-        if backend == "reference":
-            memory_update_ref(x, targets, memory, momentum, update)
-        elif backend == "triton" and x.device.type == "cpu":
-            _registry.triton_module("memory_contrastive").launch_update(x, targets, memory, momentum, update)
-        else:
-            torch.ops.vireid.memory_update(x, targets, memory, momentum, update)
+        _registry.run("memory_update", backend, x.device, x, targets, memory, momentum, update)

@@ -24,11 +24,16 @@ def sinkhorn_ref(cost: torch.Tensor, lam: float, a: torch.Tensor, b: torch.Tenso
     Iteration (shared by every backend): start with g = 0 and f = log a - LSE_j(g - lam C); then repeat
     ``g = log b - LSE_i(f - lam C)`` (columns now exact), measure ``err = sum_i |P 1 - a|``, stop if err <= tol or
     at max_iter, else ``f = log a - LSE_j(g - lam C)``. The plan is ``exp(f_i + g_j - lam C_ij)`` at the stop.
+    Computed with each row of C shifted by its minimum (exactly the same iterates, f shifted by the row's lam min C).
     """
     batch = cost.shape[0]
     plans, iters, errs = [], [], []
     for k in range(batch):
-        neg = -lam * cost[k].double()
+        # Each cost row shifted by its minimum: the plan is unchanged (f absorbs the shift exactly, iterate for
+        # iterate), and the potentials stay small where lam * cost is large, so f + g - lam C does not cancel (a
+        # constant cost of 1e16 lost half the plan's mass without it).
+        row = cost[k].double()
+        neg = -lam * (row - row.amin(dim=1, keepdim=True))
         log_a, log_b = a[k].log(), b[k].log()
         g = torch.zeros(cost.shape[2], dtype=torch.float64, device=cost.device)
         f = log_a - torch.logsumexp(neg + g[None, :], dim=1)
@@ -41,7 +46,10 @@ def sinkhorn_ref(cost: torch.Tensor, lam: float, a: torch.Tensor, b: torch.Tenso
             if err <= tol or it == max_iter:
                 break
             f = log_a - lse_rows
-        plans.append(torch.exp(f[:, None] + g[None, :] + neg).to(cost.dtype))
+        # exp(f + g - lam C) with g = log b - LSE_i(f - lam C), written as b_j * softmax_i(f_i - lam C_ij): the same
+        # plan, but max-shifted, so it stays finite with exact column sums even where f + g - lam C would cancel
+        # catastrophically (a huge spread of lam * cost).
+        plans.append((torch.softmax(f[:, None] + neg, dim=0) * b[k][None, :]).to(cost.dtype))
         iters.append(it)
         errs.append(err)
     return (torch.stack(plans), torch.tensor(iters, dtype=torch.int64, device=cost.device),
@@ -86,6 +94,15 @@ def memory_contrastive_ref(inputs: torch.Tensor, targets: torch.Tensor, memory: 
     return per_sample.mean(), logits, lse
 
 
+def _momentum_step(memory: torch.Tensor, y: int, x: torch.Tensor, momentum: float) -> None:
+    """``m[y] <- v / ||v||`` with ``v = mu m[y] + (1 - mu) x``; a ``v`` of zero norm (x exactly opposite m[y] at
+    mu = 0.5, where the community code writes 0/0 = NaN) leaves the row as it was."""
+    v = memory[y] * momentum + (1.0 - momentum) * x
+    norm = v.norm()
+    if bool(norm > 0):
+        memory[y] = v / norm
+
+
 def memory_update_ref(normalized: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, momentum: float,
                       update: str) -> None:
     """Literal per-sample memory update of cluster-contrast (in place on ``memory``).
@@ -94,14 +111,13 @@ def memory_update_ref(normalized: torch.Tensor, targets: torch.Tensor, memory: t
     order ``m[y] = normalize(mu m[y] + (1 - mu) x)`` (repeated labels update repeatedly); "hard" (cm_hard) — per label
     present, the member with the smallest ``x . m[y]`` (first in batch order on ties) gives one such step; "mean" — one
     step towards the mean of the label's members; "none" — no update. Renormalisation divides by the plain norm, as the
-    community code does.
+    community code does, except that a step whose sum has zero norm keeps the row unchanged (never NaN).
     """
     if update == "none":
         return
     if update == "sequential":
         for x, y in zip(normalized, targets.tolist(), strict=True):
-            memory[y] = memory[y] * momentum + (1.0 - momentum) * x
-            memory[y] /= memory[y].norm()
+            _momentum_step(memory, y, x, momentum)
         return
     members: dict[int, list[int]] = {}
     for i, y in enumerate(targets.tolist()):
@@ -114,8 +130,7 @@ def memory_update_ref(normalized: torch.Tensor, targets: torch.Tensor, memory: t
             chosen = normalized[idx].mean(0)
         else:
             raise ValueError(f"update must be one of {MEMORY_UPDATE_MODES}, got {update!r}")
-        memory[y] = memory[y] * momentum + (1.0 - momentum) * chosen
-        memory[y] /= memory[y].norm()
+        _momentum_step(memory, y, chosen, momentum)
 
 
 def memory_contrastive_backward_ref(grad_loss: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
@@ -184,7 +199,8 @@ def cmfp_ref(features_v: torch.Tensor, features_r: torch.Tensor,
     rows, cols = torch.nonzero(g, as_tuple=True)
     crow = torch.zeros(g.shape[0] + 1, dtype=torch.int64, device=g.device)
     crow[1:] = torch.bincount(rows, minlength=g.shape[0]).cumsum(0)
-    return prop[:nv].contiguous(), prop[nv:].contiguous(), crow, cols, g[rows, cols]
+    # Fresh outputs: the slices of prop and nonzero's columns would share storage (opcheck refuses aliased outputs).
+    return prop[:nv].clone(), prop[nv:].clone(), crow, cols.clone(), g[rows, cols]
 
 
 # Clustering: exact kNN, k-reciprocal Jaccard distance, DBSCAN (spec: shared/spec/jaccard.md, cmfp_sinkhorn_dbscan.md)
@@ -210,7 +226,7 @@ def knn_ref(x: torch.Tensor, y: torch.Tensor, k: int, metric: str, precision: st
     else:
         key = (xd * xd).sum(1, keepdim=True) + (yd * yd).sum(1)[None, :] - 2.0 * dots
     # A stable ascending sort keeps equal keys in index order: ties go to the lower index.
-    order = torch.sort(key, dim=1, stable=True).indices[:, :k]
+    order = torch.sort(key, dim=1, stable=True).indices[:, :k].contiguous()  # a fresh tensor, not a view
     best = key.gather(1, order)
     values = -best if metric == "ip" else best.clamp_min(0.0)
     return values.float(), order
@@ -327,6 +343,8 @@ def dbscan_csr_ref(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, 
                    fill: float) -> torch.Tensor:
     """DBSCAN on an (N, N) distance in CSR form whose entries not stored equal ``fill``: labels (N,) int64."""
     n = crow.numel() - 1
+    # Compared in the values' precision, as sklearn compares the float32 dense matrix with eps rounded to float32.
+    eps, fill = (float(torch.tensor(v, dtype=values.dtype)) for v in (eps, fill))
     neighbours = []
     for i in range(n):
         lo, hi = int(crow[i]), int(crow[i + 1])

@@ -7,21 +7,15 @@ finite plan for any finite cost and ``lam`` up to 1000 (the community's linear-d
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import NamedTuple
 
 import torch
 
 from . import _registry
-from ._validation import (
-    FLOAT_DTYPES,
-    check_finite,
-    check_int,
-    check_positive,
-    check_same_device,
-    check_same_width,
-    check_tensor,
-    tracing,
-)
+from ._checks import check_sinkhorn, finite, number
+from ._validation import FLOAT_DTYPES, check_int, check_same_device, check_same_width, check_tensor, tracing
 from .reference import sinkhorn_ref
 
 __all__ = ["SinkhornInfo", "ot_assign", "sinkhorn", "sinkhorn_ref"]
@@ -40,7 +34,7 @@ def _sinkhorn_fake(cost, lam, a, b, max_iter, tol):
             cost.new_empty((batch,), dtype=torch.float64))
 
 
-_registry.register("sinkhorn", reference=sinkhorn_ref, fake=_sinkhorn_fake)
+_registry.register("sinkhorn", reference=sinkhorn_ref, fake=_sinkhorn_fake, check=check_sinkhorn)
 
 
 def _marginal(name: str, m: torch.Tensor | None, batch: int, length: int, like: torch.Tensor) -> torch.Tensor:
@@ -50,10 +44,7 @@ def _marginal(name: str, m: torch.Tensor | None, batch: int, length: int, like: 
     if m.shape[-1] != length or (m.dim() == 2 and m.shape[0] != batch):
         expected = f"({length},) or ({batch}, {length})"
         raise ValueError(f"{name} must have shape {expected} to match cost, got {tuple(m.shape)}")
-    check_finite(name, m)
-    if not tracing() and not bool((m > 0).all()):
-        raise ValueError(f"{name} must be strictly positive; drop zero-mass rows/columns from cost before calling")
-    return m.to(torch.float64).expand(batch, length).contiguous()
+    return m.to(torch.float64).expand(batch, length).contiguous()  # values are checked by the op (_checks)
 
 
 def sinkhorn(cost: torch.Tensor, lam: float, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *,
@@ -73,14 +64,15 @@ def sinkhorn(cost: torch.Tensor, lam: float, a: torch.Tensor | None = None, b: t
         plan with cost's shape, float64 for float64 cost and float32 otherwise; with ``return_info``,
         ``(plan, SinkhornInfo)``.
     """
+    return _sinkhorn(cost, lam, a, b, max_iter, tol, return_info)
+
+
+def _sinkhorn(cost, lam, a, b, max_iter, tol, return_info, warn_stacklevel: int = 3):
     check_tensor("cost", cost, dims=(2, 3), dtypes=FLOAT_DTYPES)
-    lam = check_positive("lam", lam)
+    lam = number("lam", lam, positive=True)
     check_int("max_iter", max_iter, 1)
-    tol = float(tol)
-    if not tol >= 0:
-        raise ValueError(f"tol must be >= 0, got {tol}")
+    tol = number("tol", tol, lower=0.0, allow_inf=True)
     check_same_device(cost=cost, a=a, b=b)
-    check_finite("cost", cost)
     batched = cost.dim() == 3
     cost3 = cost if batched else cost.unsqueeze(0)
     if cost3.dtype not in (torch.float32, torch.float64):
@@ -88,19 +80,16 @@ def sinkhorn(cost: torch.Tensor, lam: float, a: torch.Tensor | None = None, b: t
     batch, n, k = cost3.shape
     a2 = _marginal("a", a, batch, n, cost3)
     b2 = _marginal("b", b, batch, k, cost3)
-    if not tracing():
-        sa, sb = a2.sum(1), b2.sum(1)
-        if not bool(torch.allclose(sa, sb, rtol=1e-5, atol=0.0)):
-            raise ValueError(f"a and b must have the same total mass, got {sa.tolist()} and {sb.tolist()}; "
-                             "normalise both to sum to 1")
     cost3 = cost3.contiguous()
     backend = _registry.choose_backend("sinkhorn", cost3.device)
-    if backend == "reference":
-        plan, n_iter, err = sinkhorn_ref(cost3, lam, a2, b2, max_iter, tol)
-    elif backend == "triton" and cost3.device.type == "cpu":
-        plan, n_iter, err = _registry.triton_module("sinkhorn").launch(cost3, lam, a2, b2, max_iter, tol)
-    else:
-        plan, n_iter, err = torch.ops.vireid.sinkhorn(cost3, lam, a2, b2, max_iter, tol)
+    plan, n_iter, err = _registry.run("sinkhorn", backend, cost3.device, cost3, lam, a2, b2, max_iter, tol)
+    if not tracing():
+        worst = float(err.max())
+        if not worst <= tol:
+            # The default warnings filter shows this once per call site.
+            warnings.warn(f"sinkhorn stopped at max_iter={max_iter} with err={worst:.3g} > tol={tol:g} (L1 error of "
+                          "the plan's row sums): the plan is not converged; raise max_iter, loosen tol, or lower lam "
+                          "(a large lam * cost converges slowly)", RuntimeWarning, stacklevel=warn_stacklevel)
     if not batched:
         plan = plan.squeeze(0)
     return (plan, SinkhornInfo(n_iter, err)) if return_info else plan
@@ -129,7 +118,13 @@ def ot_assign(features: torch.Tensor, prototypes: torch.Tensor, lam: float, a: t
     check_tensor("prototypes", prototypes, dims=(2,), dtypes=FLOAT_DTYPES)
     check_same_width("features", features, "prototypes", prototypes)
     check_same_device(features=features, prototypes=prototypes)
-    check_finite("features", features)
-    check_finite("prototypes", prototypes)
-    plan = sinkhorn(squared_euclidean(features, prototypes), lam, a, b, max_iter=max_iter, tol=tol)
+    finite("features", features)
+    finite("prototypes", prototypes)
+    cost = squared_euclidean(features, prototypes)
+    if not tracing() and not math.isfinite(float(cost.max())):
+        big = max(float(features.detach().abs().max()), float(prototypes.detach().abs().max()))
+        raise ValueError(f"features and prototypes are too large for {cost.dtype}: their squared distances overflow "
+                         f"(largest |entry| {big:.3g}); rescale them, e.g. L2-normalise (the seeds do), or pass "
+                         "float64")
+    plan = _sinkhorn(cost, lam, a, b, max_iter, tol, False, warn_stacklevel=4)
     return plan.argmax(dim=1), plan
