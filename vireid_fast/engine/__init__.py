@@ -1,5 +1,6 @@
 """The training engine: :class:`Trainer`, checkpoints, multi-process helpers, metrics."""
 
+from . import pretrain  # noqa: F401  (registers model.pretrained: synthetic)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .trainer import NonFiniteLossError, TrainBatch, Trainer
 

@@ -3,17 +3,41 @@
 torchvision keys map as: ``conv1.*``/``bn1.*`` -> both ``visible_stem`` and ``infrared_stem``; ``layer{n}.*`` ->
 ``layer{n}.*``; ``fc.*`` is unused. Keys absent from the file, keys of the file the model does not have, and keys
 whose shapes differ are all reported (and the mismatched ones skipped), never silently dropped.
+
+A keyword instead of a path names generated weights: ``synthetic`` = the synthetic identity pretraining of
+:mod:`vireid_fast.engine.pretrain` for the model's widths and the input size (shipped for the demo model, generated
+and cached on first use otherwise). Keywords are registered by the module that produces them
+(:func:`register_keyword`), so this module imports nothing from the engine.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 STEM_KEYS = ("conv1.", "bn1.")
+# keyword -> resolver(model, image_size (H, W) or None, log) -> path of a torchvision-format file
+KEYWORDS: dict[str, Callable] = {}
+
+
+def register_keyword(name: str, resolver: Callable) -> None:
+    """Make ``model.pretrained: <name>`` resolve through ``resolver(model, image_size, log) -> path``."""
+    KEYWORDS[name] = resolver
+
+
+def resolve_pretrained(spec: str, model: nn.Module, image_size=None, log=print) -> str:
+    """The file ``spec`` names: a registered keyword's weights for ``model`` at ``image_size`` (H, W), else ``spec``
+    itself (a path)."""
+    if spec in KEYWORDS:
+        return KEYWORDS[spec](model, image_size, log)
+    if spec == "synthetic":
+        raise ValueError("model.pretrained='synthetic' is registered by vireid_fast.engine.pretrain; import "
+                         "vireid_fast.engine (the trainer does) before loading it")
+    return spec
 
 
 @dataclass
@@ -61,8 +85,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
-    """Copy the weights of the torchvision-format file ``path`` into ``model`` (a :class:`TwoStreamResNet`)."""
+def load_pretrained(model: nn.Module, path: str, verbose: bool = True, image_size=None, log=print) -> LoadReport:
+    """Copy the weights of the torchvision-format file ``path`` into ``model`` (a :class:`TwoStreamResNet`).
+
+    ``path`` may be a registered keyword (``"synthetic"``), resolved for ``model`` at ``image_size`` ((H, W) of the
+    network input; None = the keyword's default, 32x16 for ``synthetic``) by :func:`resolve_pretrained`.
+    """
+    path = resolve_pretrained(path, model, image_size, log)
     source = read_state_dict(path)
     target = model.state_dict()
     report = LoadReport(path)
