@@ -65,7 +65,8 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = spec("agw_resnet50", choices=("agw_resnet50", "small_resnet"))
-    pretrained: str = spec("", help="local torchvision-format ImageNet ResNet-50 state dict ('' = random init)")
+    pretrained: str = spec("", help="local torchvision-format state dict (e.g. ImageNet ResNet-50), or 'synthetic' "
+                                    "for the synthetic identity pretraining of small_resnet ('' = random init)")
     non_local: bool = spec(True, help="non-local blocks (AGW)")
     gem_p: float = spec(3.0, min=1.0, help="GeM pooling exponent")
     last_stride: int = spec(1, choices=(1, 2))

@@ -95,7 +95,8 @@ def _prepare_shared(raw: dict, data_root: str | None, log) -> None:
     if m.pretrained:
         options = {} if m.arch == "agw_resnet50" else {"widths": tuple(m.widths)}
         load_pretrained(build_model(m.arch, non_local=m.non_local, last_stride=m.last_stride, gem_p=m.gem_p,
-                                    **options), m.pretrained, verbose=False)
+                                    **options), m.pretrained, verbose=False, image_size=tuple(config.data.image_size),
+                        log=log)
 
 
 def _train(run: RunSpec, data_root: str | None) -> tuple[RunSpec, int, float]:

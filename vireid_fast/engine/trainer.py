@@ -184,7 +184,8 @@ class Trainer:
             model = build_model(m.arch, widths=tuple(m.widths), non_local=m.non_local, last_stride=m.last_stride,
                                 gem_p=m.gem_p)
         if m.pretrained:
-            report = load_pretrained(model, m.pretrained, verbose=False)
+            report = load_pretrained(model, m.pretrained, verbose=False, image_size=tuple(self.config.data.image_size),
+                                     log=self.log)
             self.log(report.summary())
         self.encoder = model.to(self.device)
         self.model = self.encoder
