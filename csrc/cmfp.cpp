@@ -227,10 +227,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
       for (int64_t b = 0; b < 2; ++b) {
         Kept<T>& c = b == 0 ? kept_v[i] : kept_r[i];
         const int64_t offset = b == 0 ? 0 : nv;
-        const T inv = static_cast<T>(1.0 / sums[2 * i + b]);  // only used when the list is non-empty (sum > 0)
+        const double sum = sums[2 * i + b];  // only used when the list is non-empty (sum > 0)
+        const T inv = static_cast<T>(1.0 / sum);
+        // A sum of subnormal similarities has no finite reciprocal in T: divide instead (same weights, no inf * 0).
+        const bool divide = !std::isfinite(static_cast<double>(inv));
         for (size_t u = 0; u < c.val.size(); ++u, ++e) {
           cp[e] = offset + c.col[u];
-          vp[e] = c.val[u] * inv;
+          vp[e] = divide ? static_cast<T>(static_cast<double>(c.val[u]) / sum) : c.val[u] * inv;
         }
         std::vector<T>().swap(c.val);
         std::vector<int64_t>().swap(c.col);

@@ -143,7 +143,8 @@ _kernel_modules: dict[str, tuple[str, str]] = {}
 
 
 def register(op: str, *, reference: Callable, fake: Callable, check: Callable, after: Callable | None = None,
-             kernel_module: str | None = None, launcher: str = "launch", needs_triton: bool = True) -> None:
+             kernel_module: str | None = None, launcher: str = "launch", needs_triton: bool = True,
+             cpu_wrapper: Callable[[Callable], Callable] | None = None) -> None:
     """Register the Python-side kernels of ``vireid::<op>`` (idempotent), each behind ``check``.
 
     ``check`` takes the op's schema arguments and raises ``ValueError``/``TypeError`` (see ``_checks``); it runs in
@@ -151,7 +152,8 @@ def register(op: str, *, reference: Callable, fake: Callable, check: Callable, a
     and the fake kernel (where only its shape/dtype part applies). ``after(args, outputs)`` may inspect the outputs.
     ``reference`` serves every device without a dedicated kernel. CUDA tensors go to
     ``vireid_fast.kernels.<kernel_module or op>.<launcher>`` (same arguments) when Triton is importable, or always
-    when ``needs_triton`` is False (modules written in torch ops or routing to a host copy).
+    when ``needs_triton`` is False (modules written in torch ops or routing to a host copy). ``cpu_wrapper(kernel)``,
+    if given, wraps the compiled CPU kernel (e.g. to repair a result the kernel cannot represent).
     """
     global _python_lib
     if op in _registered:
@@ -165,7 +167,8 @@ def register(op: str, *, reference: Callable, fake: Callable, check: Callable, a
             _python_lib = torch.library.Library("vireid", "DEF")  # noqa: TOR901
         _python_lib.define(SCHEMAS[op])
     else:
-        _impl_lib.impl(op, checked(op, getattr(torch.ops.vireid, f"_{op}_cpu")), "CPU")
+        cpu_kernel = getattr(torch.ops.vireid, f"_{op}_cpu")
+        _impl_lib.impl(op, checked(op, cpu_kernel if cpu_wrapper is None else cpu_wrapper(cpu_kernel)), "CPU")
     _impl_lib.impl(op, checked(op, reference), "CompositeExplicitAutograd")
     if not needs_triton:
         _TRITON_FREE.add(op)
