@@ -156,3 +156,20 @@ def test_keyword_generates_on_first_use_then_reads_the_cache(tmp_path, monkeypat
     again = build_model("small_resnet", widths=(8, 16, 16, 32))
     assert load_pretrained(again, "synthetic", verbose=False, image_size=(32, 16), log=quiet).path == report.path
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_first_epoch_ari_matches_the_trainers_first_epoch(tmp_path, tmp_path_factory, monkeypatch):
+    from vireid_fast.engine import Trainer
+
+    from .tiny import tiny_config, tiny_root
+
+    monkeypatch.setenv("VIREID_CACHE", str(tmp_path / "cache"))
+    weights = pt.pretrain(pt.make_config(TINY), log=quiet, progress=False).path
+    config = tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}", "train.epochs=1",
+                         "eval.eval_untrained=false")
+    measured = pt.first_epoch_ari(config, weights, log=quiet)
+    trainer = Trainer(tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}",
+                                  "train.epochs=1", "eval.eval_untrained=false", f"model.pretrained={weights}"),
+                      log=quiet, progress=False)
+    row = trainer.run_epoch(0)
+    assert measured == {"visible": row["ari/visible"], "infrared": row["ari/infrared"]}
