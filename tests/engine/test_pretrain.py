@@ -131,7 +131,9 @@ def test_bad_settings_name_the_key():
         pt.make_config(["epoch=3"])
 
 
-def test_cli_pretrain_writes_weights_and_record(tmp_path, monkeypatch, capsys):
+def test_cli_pretrain_writes_weights_and_record(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    from .tiny import tiny_config, tiny_root
+
     monkeypatch.setenv("VIREID_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "w" / "tiny.pth"
     assert main(["pretrain", "--out", str(out), "--no-progress", *TINY, "epochs=1",
@@ -140,6 +142,12 @@ def test_cli_pretrain_writes_weights_and_record(tmp_path, monkeypatch, capsys):
     assert pt.sha256_file(str(out)) == record["sha256"]
     assert record["config"]["channel_augmentation"] == "exchange" and f"--out {out}" in record["command"]
     assert f"weights: {out}" in capsys.readouterr().out
+    target = tmp_path / "target.yaml"
+    target.write_text(tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}").to_yaml())
+    assert main(["pretrain", "--ari", "--target", str(target), "--no-progress", *TINY, "epochs=1",
+                 "channel_augmentation=exchange", "channel_p=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained weights (cached)" in printed and "first-epoch pseudo-label ARI: visible " in printed
     assert main(["pretrain", "epochs=zero"]) == 2
     assert "pretrain epochs='zero'" in capsys.readouterr().err
 
