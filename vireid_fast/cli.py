@@ -120,9 +120,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="supervised identity pretraining on a disjoint synthetic pool (the ImageNet analogue; "
                               "cached by content hash, model.pretrained=synthetic uses it)")
     pre.add_argument("--out", metavar="PATH", help="also copy the weights to PATH (.pth) and the record to PATH.json")
-    pre.add_argument("--ari", nargs="?", const=DEMO_CONFIG, default=None, metavar="CONFIG",
-                     help="then measure the first-epoch pseudo-label ARI of CONFIG's training set (default: the "
-                          "demo config) started from the weights")
+    pre.add_argument("--ari", action="store_true", help="then measure the first-epoch pseudo-label ARI per "
+                     "modality of --target's training set started from the weights")
+    pre.add_argument("--target", metavar="CONFIG", default=DEMO_CONFIG,
+                     help="training config whose data and clustering --ari uses (default: the demo config)")
     pre.add_argument("--print-config", action="store_true", help="print the resolved pretraining config and exit")
     pre.add_argument("--no-progress", action="store_true", help="no progress bar")
     pre.add_argument("overrides", nargs="*", metavar="key=value",
@@ -247,7 +248,7 @@ def cmd_pretrain(args) -> int:
                       command=config.command(args.out))
     print(f"weights: {result.path}\nconfig hash: {result.record['config_hash']}  sha256: {result.record['sha256']}")
     if args.ari:
-        first_epoch_ari(load_config(args.ari, []), result.path)
+        first_epoch_ari(load_config(args.target, []), result.path)
     return 0
 
 

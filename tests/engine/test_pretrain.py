@@ -131,7 +131,9 @@ def test_bad_settings_name_the_key():
         pt.make_config(["epoch=3"])
 
 
-def test_cli_pretrain_writes_weights_and_record(tmp_path, monkeypatch, capsys):
+def test_cli_pretrain_writes_weights_and_record(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    from .tiny import tiny_config, tiny_root
+
     monkeypatch.setenv("VIREID_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "w" / "tiny.pth"
     assert main(["pretrain", "--out", str(out), "--no-progress", *TINY, "epochs=1",
@@ -140,6 +142,12 @@ def test_cli_pretrain_writes_weights_and_record(tmp_path, monkeypatch, capsys):
     assert pt.sha256_file(str(out)) == record["sha256"]
     assert record["config"]["channel_augmentation"] == "exchange" and f"--out {out}" in record["command"]
     assert f"weights: {out}" in capsys.readouterr().out
+    target = tmp_path / "target.yaml"
+    target.write_text(tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}").to_yaml())
+    assert main(["pretrain", "--ari", "--target", str(target), "--no-progress", *TINY, "epochs=1",
+                 "channel_augmentation=exchange", "channel_p=0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained weights (cached)" in printed and "first-epoch pseudo-label ARI: visible " in printed
     assert main(["pretrain", "epochs=zero"]) == 2
     assert "pretrain epochs='zero'" in capsys.readouterr().err
 
@@ -156,3 +164,20 @@ def test_keyword_generates_on_first_use_then_reads_the_cache(tmp_path, monkeypat
     again = build_model("small_resnet", widths=(8, 16, 16, 32))
     assert load_pretrained(again, "synthetic", verbose=False, image_size=(32, 16), log=quiet).path == report.path
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
+
+
+def test_first_epoch_ari_matches_the_trainers_first_epoch(tmp_path, tmp_path_factory, monkeypatch):
+    from vireid_fast.engine import Trainer
+
+    from .tiny import tiny_config, tiny_root
+
+    monkeypatch.setenv("VIREID_CACHE", str(tmp_path / "cache"))
+    weights = pt.pretrain(pt.make_config(TINY), log=quiet, progress=False).path
+    config = tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}", "train.epochs=1",
+                         "eval.eval_untrained=false")
+    measured = pt.first_epoch_ari(config, weights, log=quiet)
+    trainer = Trainer(tiny_config(str(tmp_path / "run"), f"data.root={tiny_root(tmp_path_factory)}",
+                                  "train.epochs=1", "eval.eval_untrained=false", f"model.pretrained={weights}"),
+                      log=quiet, progress=False)
+    row = trainer.run_epoch(0)
+    assert measured == {"visible": row["ari/visible"], "infrared": row["ari/infrared"]}

@@ -6,7 +6,7 @@ import os
 
 TINY_OVERRIDES = [
     "data.dataset=synthetic", "data.image_size=[32, 16]", "data.cache_images=true",
-    "model.arch=small_resnet", "model.widths=[8, 16, 16, 32]", "model.non_local=false",
+    "model.arch=small_resnet", "model.widths=[8, 16, 16, 32]", "model.non_local=false", "model.pretrained=",
     "cluster.eps=0.7", "cluster.min_samples=2", "cluster.k1=6", "cluster.k2=2",
     "train.iters=2", "train.num_identities=2", "train.num_instances=2", "train.eval_every=1",
     "train.padding=2", "eval.batch_size=64", "eval.trials=1", "experiment.deterministic=true",

@@ -425,10 +425,18 @@ def resolve_synthetic(model: torch.nn.Module, image_size=None, log=print) -> str
     path = shipped_weights(config)
     if path is not None:
         return path
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+    if distributed and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()  # rank 0 pretrains (or finds the cache) first; one pool, one training
+        return pretrain(config, log=log).path
     if not os.path.isfile(cached_path(config)):
         log(f"model.pretrained=synthetic: no shipped or cached weights for {config.to_dict()}; pretraining now "
             "(minutes on a CPU; cached for later runs)")
-    return pretrain(config, log=log).path
+    path = pretrain(config, log=log).path
+    if distributed:
+        torch.distributed.barrier()
+    return path
 
 
 register_keyword("synthetic", resolve_synthetic)
