@@ -126,11 +126,12 @@ double max_abs_finite(const at::Tensor& f, const char* name) {
 // block row and every output row is L2-normalised). Features whose float32 scores could overflow (d * max|f|^2 above
 // 2^100) or vanish (below 2^-100) are scaled by a power of two so that max|f| lies in [1, 2): exact up to components
 // that fall below the smallest normal number, and the result is the one of unbounded exponent range.
+// Returns the scaled features and the exponent e of the scale 2^e (0: not scaled).
 template <typename T>
-std::pair<at::Tensor, at::Tensor> scaled_for_float32_scores(const at::Tensor& fv, const at::Tensor& fr) {
+std::tuple<at::Tensor, at::Tensor, int> scaled_for_float32_scores(const at::Tensor& fv, const at::Tensor& fr) {
   const double m = std::max(max_abs_finite<T>(fv, "features_v"), max_abs_finite<T>(fr, "features_r"));
   const double top = m * m * static_cast<double>(fv.size(1));  // inf when it overflows: then too it scales
-  if (m == 0.0 || (top <= std::ldexp(1.0, 100) && top >= std::ldexp(1.0, -100))) return {fv, fr};
+  if (m == 0.0 || (top <= std::ldexp(1.0, 100) && top >= std::ldexp(1.0, -100))) return {fv, fr, 0};
   const int e = -std::ilogb(m);
   auto scale = [e](const at::Tensor& f) {
     at::Tensor out = at::empty_like(f);
@@ -141,15 +142,17 @@ std::pair<at::Tensor, at::Tensor> scaled_for_float32_scores(const at::Tensor& fv
     });
     return out;
   };
-  return {scale(fv), scale(fr)};
+  return {scale(fv), scale(fr), e};
 }
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl(const at::Tensor& fv_in,
                                                                                  const at::Tensor& fr_in, int64_t k) {
-  const std::pair<at::Tensor, at::Tensor> scaled = scaled_for_float32_scores<T>(fv_in, fr_in);
-  const at::Tensor& fv = scaled.first;
-  const at::Tensor& fr = scaled.second;
+  const auto scaled = scaled_for_float32_scores<T>(fv_in, fr_in);
+  const at::Tensor& fv = std::get<0>(scaled);
+  const at::Tensor& fr = std::get<1>(scaled);
+  // F.normalize's eps (1e-12) applies to the unscaled row norm: in scaled units it is 1e-12 * 2^e.
+  const double norm_eps = std::ldexp(1e-12, std::get<2>(scaled));
   const int64_t nv = fv.size(0), nr = fr.size(0), d = fv.size(1);
   const int64_t n = nv + nr;
   const T* fvp = fv.data_ptr<T>();
@@ -265,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cmfp_impl
       T* o = out_row(i);
       double ss = 0.0;
       for (int64_t t = 0; t < d; ++t) ss += static_cast<double>(o[t]) * static_cast<double>(o[t]);
-      const T scale = static_cast<T>(1.0 / std::max(std::sqrt(ss), 1e-12));
+      const T scale = static_cast<T>(1.0 / std::max(std::sqrt(ss), norm_eps));
       for (int64_t t = 0; t < d; ++t) o[t] *= scale;
     }
   });

@@ -411,3 +411,17 @@ def test_cmfp_subnormal_similarities_stay_finite(backend, name):
     fr = torch.tensor([[7.7335e14], [1.1125e-308], [5.3663e14], [-9.6608e14]], dtype=F64)
     out = __import__("vireid_fast").ops.cmfp(fv, fr, 2)
     assert torch.isfinite(out.prop_v).all() and torch.isfinite(out.prop_r).all()
+
+
+@pytest.mark.parametrize("name", ["reference", "cpp"])
+def test_cmfp_rescaled_features_keep_unit_output_rows(backend, name):
+    # Found by the long fuzz profile: features ~1e14 made the C++ kernel rescale by 2^-48, and a row whose
+    # cross-modality similarities are all negative (only its own feature, norm ~1.6, is propagated) then fell below
+    # the normalisation eps in scaled units and came out with norm ~1e-3 instead of 1.
+    backend(name)
+    fv = torch.tensor([[0.0, 0.5, -1.0, -1.0], [0.5, -1.0, 0.5, 1.0]], dtype=F64)
+    fr = torch.tensor([[-2.1260e14, 2.6576e14, -1.3406e-296, 1.1], [-9.4756e14, 8.4551e14, -2.7390e14, -1.6512e-44]],
+                      dtype=F64)
+    out = __import__("vireid_fast").ops.cmfp(fv, fr, 1)
+    torch.testing.assert_close(out.prop_v[1], fv[1] / fv[1].norm(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.prop_v.norm(dim=1), torch.ones(2, dtype=F64), rtol=1e-12, atol=0)
