@@ -53,7 +53,23 @@ def logits_with_update(inputs: torch.Tensor, targets: torch.Tensor | None, memor
     return MemoryLogits.apply(x, memory, step)
 
 
-class ClusterMemory(nn.Module):
+class MemoryBank(nn.Module):
+    """The constructor and attributes every community memory shares: ``num_features`` (D), ``num_samples`` (C),
+    ``temp``, ``momentum``, ``use_hard`` and the (C, D) float32 buffer ``features`` (zeros until a script assigns
+    the epoch's centres)."""
+
+    def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
+                 use_hard: bool = False):
+        super().__init__()
+        self.num_features = num_features
+        self.num_samples = num_samples
+        self.momentum = momentum
+        self.temp = temp
+        self.use_hard = use_hard
+        self.register_buffer("features", torch.zeros(num_samples, num_features))
+
+
+class ClusterMemory(MemoryBank):
     """Cluster-level memory with the community's constructor, buffer and ``forward`` (spec: cluster_memory.md).
 
     Args:
@@ -70,16 +86,6 @@ class ClusterMemory(nn.Module):
     before the update, then updates ``features`` in place. A buffer assigned in another dtype or layout is converted
     to a contiguous float32 buffer on the next forward (a copy — the update then lands in the converted buffer).
     """
-
-    def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
-                 use_hard: bool = False):
-        super().__init__()
-        self.num_features = num_features
-        self.num_samples = num_samples
-        self.momentum = momentum
-        self.temp = temp
-        self.use_hard = use_hard
-        self.register_buffer("features", torch.zeros(num_samples, num_features))
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, momentum: float) -> torch.Tensor:
         features = live_buffer(self)

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..ops.knn import knn
 from ..ops.memory_contrastive import memory_contrastive, memory_update
-from ._cluster_memory import live_buffer, logits_with_update
+from ._cluster_memory import MemoryBank, live_buffer, logits_with_update
 from .clustercontrast import compute_jaccard_distance
 
 __all__ = ["ClusterMemory", "ClusterMemory_shared", "Memory_wise_v3", "compute_jaccard_distance",
@@ -31,7 +31,7 @@ __all__ = ["ClusterMemory", "ClusterMemory_shared", "Memory_wise_v3", "compute_j
 CENTRES_PER_CLUSTER = 10  # the second dimension of the community's features_d buffer
 
 
-class ClusterMemory(nn.Module):
+class ClusterMemory(MemoryBank):
     """HIL's cluster memory: cluster-contrast's loss and update, with per-call momentum and per-sample weights.
 
     Args:
@@ -45,13 +45,7 @@ class ClusterMemory(nn.Module):
 
     def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
                  use_hard: bool = False):
-        super().__init__()
-        self.num_features = num_features
-        self.num_samples = num_samples
-        self.momentum = momentum
-        self.temp = temp
-        self.use_hard = use_hard
-        self.register_buffer("features", torch.zeros(num_samples, num_features))
+        super().__init__(num_features, num_samples, temp, momentum, use_hard)
         self.register_buffer("features_d", torch.zeros(num_samples, CENTRES_PER_CLUSTER, num_features))
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, ca=None, training_momentum=None) -> torch.Tensor:

@@ -11,10 +11,9 @@ losses) and updates only when ``targets`` are given and ``momentum_fix`` is True
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ._association import generate_center, generate_one_hot_label, pairwise_distance, rerank_jaccard, sinkhorn_solver
-from ._cluster_memory import live_buffer, logits_with_update
+from ._cluster_memory import MemoryBank, live_buffer, logits_with_update
 from ._jaccard import timed_jaccard
 
 __all__ = ["MULT", "ClusterMemory", "compute_jaccard_distance", "generate_center", "generate_one_hot_label", "lp",
@@ -32,7 +31,7 @@ def compute_jaccard_distance(target_features, k1: int = 20, k2: int = 6, print_f
     return timed_jaccard(target_features, k1, k2, print_flag, use_float16)
 
 
-class ClusterMemory(nn.Module):
+class ClusterMemory(MemoryBank):
     """MULT's memory: ``features`` (C, D) buffer; forward returns logits.
 
     Args:
@@ -44,14 +43,8 @@ class ClusterMemory(nn.Module):
 
     def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
                  use_hard: bool = False):
-        super().__init__()
-        self.num_features = num_features
-        self.num_samples = num_samples
-        self.momentum = momentum
-        self.temp = temp
-        self.use_hard = use_hard
+        super().__init__(num_features, num_samples, temp, momentum, use_hard)
         self.threshold = 0.5
-        self.register_buffer("features", torch.zeros(num_samples, num_features))
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None,
                 momentum_fix: bool = True) -> torch.Tensor:

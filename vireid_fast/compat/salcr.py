@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..ops.cmfp import cmfp
 from ._association import generate_center, generate_one_hot_label, pairwise_distance, rerank_jaccard, sinkhorn_solver
-from ._cluster_memory import live_buffer, logits_with_update
+from ._cluster_memory import MemoryBank, live_buffer, logits_with_update
 from ._jaccard import timed_jaccard
 
 __all__ = ["ClusterMemory", "WeightedMemory", "agg_feature", "compute_jaccard_distance", "generate_center",
@@ -39,7 +38,7 @@ def _randperm(n: int) -> torch.Tensor:
     return torch.randperm(n)
 
 
-class ClusterMemory(nn.Module):
+class ClusterMemory(MemoryBank):
     """SALCR's memory: buffers ``features`` (C, D) and ``features_avg`` (C, D, unused by the loss as upstream).
 
     forward(inputs (B, D), targets=None, cross=False) -> logits (B, C) = normalize(inputs) . features^T / τ; backward
@@ -49,14 +48,8 @@ class ClusterMemory(nn.Module):
 
     def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
                  use_hard: bool = False):
-        super().__init__()
-        self.num_features = num_features
-        self.num_samples = num_samples
-        self.momentum = momentum
-        self.temp = temp
-        self.use_hard = use_hard
+        super().__init__(num_features, num_samples, temp, momentum, use_hard)
         self.threshold = 0.5
-        self.register_buffer("features", torch.zeros(num_samples, num_features))
         self.register_buffer("features_avg", torch.zeros(num_samples, num_features))
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None, cross: bool = False):
@@ -64,7 +57,7 @@ class ClusterMemory(nn.Module):
         return logits_with_update(inputs, targets, live_buffer(self), self.momentum, order=order) / self.temp
 
 
-class WeightedMemory(nn.Module):
+class WeightedMemory(MemoryBank):
     """SALCR's weighted memory: only each label's hardest members move its prototype.
 
     forward(inputs (B, D), targets (B,), weight=None) -> logits (B, C) / τ. ``weight`` is ignored (recomputed, as
@@ -74,12 +67,7 @@ class WeightedMemory(nn.Module):
 
     def __init__(self, num_features: int, num_samples: int, temp: float = 0.05, momentum: float = 0.2,
                  use_hard: bool = False):
-        super().__init__()
-        self.num_features = num_features
-        self.num_samples = num_samples
-        self.momentum = momentum
-        self.temp = temp
-        self.use_hard = use_hard
+        super().__init__(num_features, num_samples, temp, momentum, use_hard)
         self.gamma = 1.1
         self.register_buffer("features", torch.zeros(num_samples, num_features))
         self.register_buffer("features_avg", torch.zeros(num_samples, num_features))
