@@ -19,7 +19,7 @@ from vireid_fast.modality import INFRARED, MODALITIES, VISIBLE
 from vireid_fast.ops import memory_contrastive
 from vireid_fast.schema import spec
 
-from .tiny import tiny_config, tiny_root
+from .tiny import kill_during_epoch, tiny_config, tiny_root
 
 
 class _PairedView:
@@ -186,17 +186,7 @@ def test_resume_is_bit_exact(root, tmp_path, monkeypatch):
 
     killed = Trainer(tiny_config(str(tmp_path / "killed"), "train.epochs=2", *OVERRIDES), data_root=root, log=quiet,
                      progress=False)
-    original = Trainer.run_epoch
-
-    def die_in_epoch_two(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
+    kill_during_epoch(killed, 1, monkeypatch)
     torch.manual_seed(999)
     resumed = Trainer(tiny_config(str(tmp_path / "killed"), "train.epochs=2", *OVERRIDES), data_root=root,
                       log=quiet, progress=False, resume=True)

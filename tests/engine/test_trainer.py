@@ -8,7 +8,7 @@ import torch
 
 from vireid_fast.engine import CheckpointError, Trainer
 
-from .tiny import tiny_config, tiny_root
+from .tiny import kill_during_epoch, tiny_config, tiny_root
 
 
 @pytest.fixture(scope="module")
@@ -61,17 +61,7 @@ def test_resume_after_kill_equals_uninterrupted(root, tmp_path, monkeypatch):
 
     killed = Trainer(tiny_config(str(tmp_path / "killed"), "train.epochs=2"), data_root=root, log=quiet,
                      progress=False)
-    original = Trainer.run_epoch
-
-    def die_in_epoch_two(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
+    kill_during_epoch(killed, 1, monkeypatch)
 
     # A fresh process state: a different global RNG must not matter after resuming.
     torch.manual_seed(12345)

@@ -29,3 +29,23 @@ def tiny_config(output_dir: str, *extra: str):
     from vireid_fast.config import load_config
 
     return load_config(None, TINY_OVERRIDES + [f"experiment.output_dir={output_dir}", *extra])
+
+
+def kill_during_epoch(trainer, epoch: int, monkeypatch) -> None:
+    """Run ``trainer.fit()`` until it is killed (KeyboardInterrupt) at the start of 0-based ``epoch``, after the
+    checkpoint of the epoch before; restores ``Trainer.run_epoch`` afterwards."""
+    import pytest
+
+    from vireid_fast.engine import Trainer
+
+    original = Trainer.run_epoch
+
+    def die(self, current):
+        if current == epoch:
+            raise KeyboardInterrupt("killed")
+        return original(self, current)
+
+    monkeypatch.setattr(Trainer, "run_epoch", die)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(Trainer, "run_epoch", original)

@@ -456,7 +456,7 @@ def test_paper_preset_stage_totals():
 
 
 # ---------------------------------------------------------------------------------------------------- in the engine
-from tests.engine.tiny import tiny_config, tiny_root  # noqa: E402
+from tests.engine.tiny import kill_during_epoch, tiny_config, tiny_root  # noqa: E402
 
 ENGINE = ("method.stage1_epochs=1", "method.dpcl_instances=2", "method.all_k1=6", "method.all_k2=2",
           "eval.eval_untrained=false", "cluster.eps=0.8")
@@ -485,17 +485,7 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     if name == "pclhd":  # stage 2 ran its second optimiser step on the all-modality clusters
         assert "loss/all_visible" in rows[-1] and "value/step_a/cross" in rows[-1] and "value/dpcl" in rows[-1]
     killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
-    original = Trainer.run_epoch
-
-    def die_in_epoch_three(self, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "run_epoch", die_in_epoch_three)
-    with pytest.raises(KeyboardInterrupt):
-        killed.fit()
-    monkeypatch.setattr(Trainer, "run_epoch", original)
+    kill_during_epoch(killed, 2, monkeypatch)
     torch.manual_seed(999)
     resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
                       resume=True)
