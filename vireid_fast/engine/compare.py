@@ -23,7 +23,7 @@ import yaml
 
 from ..config import ConfigError, from_dict, merge, parse_overrides
 from ..methods import METHODS
-from .trainer import PHASES
+from .trainer import PHASES, build_encoder
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 RETRIEVAL = ("rank1", "mAP", "mINP")
@@ -86,17 +86,14 @@ def plan_runs(base_config: str, methods: list[str], seeds: list[int], overrides:
 
 def _prepare_shared(raw: dict, data_root: str | None, log) -> None:
     """Generate the synthetic data and resolve the pretrained weights once, before runs start in parallel."""
-    from ..models import build_model, load_pretrained
+    from ..models import load_pretrained
     from .data import resolve_root
 
     config = from_dict(raw)
     resolve_root(config, data_root, log)
-    m = config.model
-    if m.pretrained:
-        options = {} if m.arch == "agw_resnet50" else {"widths": tuple(m.widths)}
-        load_pretrained(build_model(m.arch, non_local=m.non_local, last_stride=m.last_stride, gem_p=m.gem_p,
-                                    **options), m.pretrained, verbose=False, image_size=tuple(config.data.image_size),
-                        log=log)
+    if config.model.pretrained:
+        load_pretrained(build_encoder(config.model), config.model.pretrained, verbose=False,
+                        image_size=tuple(config.data.image_size), log=log)
 
 
 def _train(run: RunSpec, data_root: str | None) -> tuple[RunSpec, int, float]:

@@ -45,6 +45,13 @@ PHASES = ("extract", "cluster", "associate", "memory", "train", "eval")
 __all__ = ["CHECKPOINT_NAME", "METHODS", "NonFiniteLossError", "PHASES", "TrainBatch", "Trainer"]
 
 
+def build_encoder(model_config) -> torch.nn.Module:
+    """The encoder a ``model:`` config section describes (random init; ``pretrained`` is loaded separately)."""
+    m = model_config
+    options = {} if m.arch == "agw_resnet50" else {"widths": tuple(m.widths)}
+    return build_model(m.arch, non_local=m.non_local, last_stride=m.last_stride, gem_p=m.gem_p, **options)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The total loss of an iteration is NaN or infinite; training stops (the message names epoch, iteration and
     the loss terms)."""
@@ -178,11 +185,7 @@ class Trainer:
 
     def _setup_model(self) -> None:
         m = self.config.model
-        if m.arch == "agw_resnet50":
-            model = build_model(m.arch, non_local=m.non_local, last_stride=m.last_stride, gem_p=m.gem_p)
-        else:
-            model = build_model(m.arch, widths=tuple(m.widths), non_local=m.non_local, last_stride=m.last_stride,
-                                gem_p=m.gem_p)
+        model = build_encoder(m)
         if m.pretrained:
             report = load_pretrained(model, m.pretrained, verbose=False, image_size=tuple(self.config.data.image_size),
                                      log=self.log)

@@ -338,10 +338,10 @@ class PCLHD(Method):
             return self._hybrid(memory, feats, targets, "centroid")
         return self._hybrid(memory, feats, targets)
 
-    def cross_loss(self, f_vis, y_vis, f_ir, y_ir) -> torch.Tensor | None:
-        """PGM cross term of the stage-2 epoch (even: visible queries on the infrared bank, odd: the reverse); None
-        when no query has a matched cluster."""
-        p = self.params
+    def matched_queries(self, f_vis, y_vis, f_ir, y_ir):
+        """The stage-2 epoch's PGM cross queries: (features, labels mapped into the other modality's clusters, that
+        modality) — even epochs visible queries on the infrared bank, odd the reverse — keeping only queries with a
+        matched cluster; None when there is no match or no matched query."""
         if self.match is None:
             return None
         if self.stage2_epoch % 2 == 0:
@@ -351,7 +351,16 @@ class PCLHD(Method):
         keep = targets >= 0
         if not bool(keep.any()):
             return None
-        feats, targets = feats[keep], targets[keep]
+        return feats[keep], targets[keep], target
+
+    def cross_loss(self, f_vis, y_vis, f_ir, y_ir) -> torch.Tensor | None:
+        """PGM cross term of the stage-2 epoch (:meth:`matched_queries`); None when no query has a matched
+        cluster."""
+        p = self.params
+        queries = self.matched_queries(f_vis, y_vis, f_ir, y_ir)
+        if queries is None:
+            return None
+        feats, targets, target = queries
         if not p.hpcl:
             return memory_contrastive(feats, targets, getattr(self, f"centroid_{target}"), temp=p.temp,
                                       momentum=p.memory_momentum, update="hard")

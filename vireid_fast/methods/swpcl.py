@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..memory import SoftPrototypeMemory
-from ..modality import INFRARED, MODALITIES, VISIBLE
+from ..modality import MODALITIES
 from ..schema import spec
 from .base import register_method
 from .clustering import count_clusters
@@ -100,14 +100,9 @@ class SWPCL(PCLHD):
 
     def cross_loss(self, f_vis, y_vis, f_ir, y_ir):
         p = self.params
-        if self.match is None:
+        queries = self.matched_queries(f_vis, y_vis, f_ir, y_ir)
+        if queries is None:
             return None
-        if self.stage2_epoch % 2 == 0:
-            feats, targets, target = f_vis, self.match.map_labels(y_vis, "visible"), INFRARED
-        else:
-            feats, targets, target = f_ir, self.match.map_labels(y_ir, "infrared"), VISIBLE
-        keep = targets >= 0
-        if not bool(keep.any()):
-            return None
+        feats, targets, target = queries
         lam = self.sw_lambda_e if p.cross_form == "mixed" else 0.0
-        return getattr(self, f"soft_{target}")(feats[keep], targets[keep], lam=lam, update=p.cross_updates_bank)
+        return getattr(self, f"soft_{target}")(feats, targets, lam=lam, update=p.cross_updates_bank)
