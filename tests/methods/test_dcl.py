@@ -60,3 +60,38 @@ def test_registry():
         get_method("nope")
     with pytest.raises(ValueError, match="already registered"):
         register_method("dcl")(type("Other", (Method,), {}))
+
+
+@pytest.mark.parametrize("zeroed", ["visible", "augmented", "infrared"])
+def test_dcl_zero_weight_removes_the_term_and_its_memory_update(zeroed):
+    # The memory update runs in backward whatever the weight, so a term multiplied by 0 would still move its memory
+    # (the channel-augmented stream kept rewriting the visible memory with augmentation_weight=0).
+    from vireid_fast.config import load_config
+    from vireid_fast.methods import TrainBatch
+    from vireid_fast.models import small_resnet
+
+    torch.manual_seed(0)
+    model = small_resnet(widths=(8, 8, 8, 16))
+    params = load_config(None, ["method.momentum=0.5", f"method.{zeroed}_weight=0"]).method
+    method = DCL(params, make_context(model))
+    feats = {m: {"feature": torch.nn.functional.normalize(torch.randn(6, 16), dim=1)} for m in ("visible", "infrared")}
+    labels = {m: torch.tensor([0, 0, 0, 1, 1, 1]) for m in ("visible", "infrared")}
+    method.build_memories(feats, labels)
+    before = {m: t.clone() for m, t in method.memories.items()}
+    images = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8)
+    batch = TrainBatch(images, torch.tensor([0, 0, 1, 1]), torch.arange(4), images.flip(0),
+                       torch.tensor([1, 1, 0, 0]), torch.arange(4))
+    losses = method.training_step(batch)
+    assert set(losses) == {"visible", "augmented", "infrared"} - {zeroed}
+    sum(losses.values()).backward()
+    # the visible memory is fed by the visible and the augmented terms; it stays only when both are off
+    assert not torch.equal(method.memories["visible"], before["visible"])
+    assert torch.equal(method.memories["infrared"], before["infrared"]) == (zeroed == "infrared")
+    if zeroed != "infrared":
+        # with one visible-side term removed, the memory equals a run that never computed it
+        ref = DCL(load_config(None, ["method.momentum=0.5"]).method, make_context(model))
+        ref.build_memories(feats, labels)
+        f_vis, f_aug, f_ir = method.encode_batch(batch)
+        kept = f_aug if zeroed == "visible" else f_vis
+        ref._loss(kept.detach().requires_grad_(), batch.visible_labels, ref.memory_visible).backward()
+        torch.testing.assert_close(method.memories["visible"], ref.memories["visible"])

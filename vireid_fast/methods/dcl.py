@@ -77,8 +77,9 @@ class DCL(Method):
     def memory_losses(self, f_vis, f_aug, f_ir, y_vis, y_ir) -> dict[str, torch.Tensor]:
         """The weighted terms from (B, D) embeddings and (B,) labels of the three streams."""
         p = self.params
-        return {
-            "visible": p.visible_weight * self._loss(f_vis, y_vis, self.memory_visible),
-            "augmented": p.augmented_weight * self._loss(f_aug, y_vis, self.memory_visible),
-            "infrared": p.infrared_weight * self._loss(f_ir, y_ir, self.memory_infrared),
-        }
+        terms = (("visible", p.visible_weight, f_vis, y_vis, self.memory_visible),
+                 ("augmented", p.augmented_weight, f_aug, y_vis, self.memory_visible),
+                 ("infrared", p.infrared_weight, f_ir, y_ir, self.memory_infrared))
+        # A zero weight removes the term, memory update included (the update runs in backward whatever the weight).
+        return {name: weight * self._loss(feats, targets, memory)
+                for name, weight, feats, targets, memory in terms if weight > 0}
