@@ -499,3 +499,18 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     if full.ema is not None:
         for key, value in full.ema.module.state_dict().items():
             assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+
+
+def test_linked_labels_map_infrared_clusters_through_the_pgm_match():
+    # Reporting only: stage 1 links nothing; in stage 2 every infrared cluster takes the visible cluster PGM matched
+    # it to, so the engine's cross-modality pair precision/recall scores the association.
+    method, feats, _ = make_method("method.all_modality_branch=false")
+    labels = prepare(method, feats, 0)
+    assert method.linked_labels(labels) is None
+    labels = prepare(method, feats, 2)
+    linked = method.linked_labels(labels)
+    assert torch.equal(linked["visible"], labels["visible"])
+    table = method.match.infrared_to_visible
+    expect = torch.tensor([int(table[y]) if y >= 0 else -1 for y in labels["infrared"].tolist()])
+    assert torch.equal(linked["infrared"], expect)
+    assert (linked["infrared"] >= 0).any() and not torch.equal(linked["infrared"], labels["infrared"])

@@ -439,9 +439,10 @@ class Trainer:
             row[f"outliers/{m}"] = int((lab < 0).sum())
             row[f"ari/{m}"] = adjusted_rand_index(truth[m], lab)
             row[f"nmi/{m}"] = normalized_mutual_info(truth[m], lab)
-        if method.shared_label_space:
-            precision, recall = cross_modality_pair_precision_recall(truth[VISIBLE], labels[VISIBLE].numpy(),
-                                                                     truth[INFRARED], labels[INFRARED].numpy())
+        linked = method.linked_labels(labels)
+        if linked is not None:
+            precision, recall = cross_modality_pair_precision_recall(
+                truth[VISIBLE], linked[VISIBLE].cpu().numpy(), truth[INFRARED], linked[INFRARED].cpu().numpy())
             row["xmod/precision"], row["xmod/recall"] = precision, recall
         with self.timer("memory"):
             method.build_memories(features, labels)

@@ -189,6 +189,13 @@ class Method(nn.Module):
         del features
         return labels
 
+    def linked_labels(self, labels: Labels) -> Labels | None:
+        """The epoch's labels with the two modalities in one label space, for reporting only: the engine scores the
+        cross-modality pseudo-label precision/recall of the association on them. Default: ``labels`` when
+        ``shared_label_space``, else None (nothing links the modalities); a method that matches clusters across
+        modalities without relabelling (PCLHD's PGM) maps one modality's labels onto the other's here."""
+        return labels if self.shared_label_space else None
+
     def build_memories(self, features: Features, labels: Labels) -> None:
         """Initialise the epoch's memories from the features and labels (default: none)."""
 
