@@ -204,7 +204,8 @@ class Trainer:
             augment={"train": self.augment, "channel": self.augment_channel}, autocast=self.autocast,
             gather=self.gather, extract=self.extract_training_sets, log=self.log, log_value=self._log_value,
             timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth,
-            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed)
+            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed,
+            restart_optimizer=self._setup_optimizer)
         self.method = get_method(self.config.method.name)(self.config.method, self.context).to(self.device)
         wants_ema = self.method.uses_ema or self.config.model.use_ema
         self.ema = (EMAEncoder(self.encoder, self.config.model.ema_beta, copy_buffers=self.method.ema_copies_buffers)
@@ -475,8 +476,8 @@ class Trainer:
         cfg = self.config
         self.timer.totals = {}
         self._values = {}
+        self.method.start_epoch(epoch)  # first: it may restart the optimiser (the row reports the lr trained with)
         row: dict = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        self.method.start_epoch(epoch)
         samplers = self.prepare_epoch(epoch, row)
         sums: dict[str, float] = {}
         with self.timer("train"):

@@ -109,7 +109,9 @@ class MethodContext:
     its wall time to ``time/<phase>`` of the epoch (nested phases are not double-counted); backward_step(loss):
     backward and an optimiser step now (for methods that step more than once per iteration); images(modality,
     indices): uint8 (B, 3, H, W) training images on the device (for batches a method draws itself, e.g. from a second
-    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them.
+    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them;
+    restart_optimizer(): a fresh Adam and learning-rate schedule from ``train.lr`` (call it from ``start_epoch``, e.g.
+    when a new training stage begins; the schedule then counts epochs from there).
     """
 
     model: nn.Module
@@ -130,6 +132,7 @@ class MethodContext:
     world: int = 1
     seed: int = 0
     ema: nn.Module | None = field(default=None)
+    restart_optimizer: Callable[[], None] | None = None
 
 
 class Method(nn.Module):
