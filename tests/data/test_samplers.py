@@ -72,3 +72,57 @@ def test_cross_modality_pairs_share_labels():
         assert np.array_equal(vis[v], ir[i - offset])  # same label at the same position
         assert set(vis[v].tolist()) <= shared and len(set(vis[v].tolist())) == 3
     assert [list(p) for p in sampler.pairs()][0][0] == batches[0][:12]
+
+
+def _camera_case():
+    # label 0: cameras 1,1,2,2,2 (other-camera candidates: 2 or 3, fewer than K -> with replacement);
+    # label 1: one camera only (fallback: the other members); label 2: a single image (contributes it alone);
+    # label 3: six cameras (5 candidates >= K -> without replacement); -1: outliers, never drawn.
+    labels = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3, -1, -1])
+    cameras = np.array([1, 1, 2, 2, 2, 3, 3, 3, 1, 1, 2, 3, 4, 5, 6, 1, 2])
+    return labels, cameras
+
+
+def test_camera_aware_pass_follows_the_community_rule():
+    from vireid_fast.data import CameraAwareSampler
+
+    labels, cameras = _camera_case()
+    sampler = CameraAwareSampler(labels, cameras, batch_size=8, num_instances=4, seed=3)
+    assert sampler.pass_length == 4 + 4 + 1 + 4
+    for trial in range(30):
+        flat = sampler.one_pass(np.random.default_rng(trial))
+        assert len(flat) == sampler.pass_length and all(labels[i] >= 0 for i in flat)
+        chunks, at = {}, 0
+        while at < len(flat):  # each label's entries are contiguous, its anchor first
+            label = labels[flat[at]]
+            size = 1 if label == 2 else 4
+            chunk = flat[at:at + size]
+            assert all(labels[i] == label for i in chunk)
+            chunks[int(label)] = chunk
+            at += size
+        assert sorted(chunks) == [0, 1, 2, 3]
+        for label in (0, 3):  # members from other cameras than the anchor's
+            anchor, rest = chunks[label][0], chunks[label][1:]
+            assert all(cameras[i] != cameras[anchor] for i in rest)
+        assert len(set(chunks[3][1:])) == 3  # enough candidates: drawn without replacement
+        anchor = chunks[1][0]
+        assert all(i != anchor for i in chunks[1][1:])  # one camera only: the other members
+
+
+def test_camera_aware_batches_count_epochs_and_short_passes():
+    from vireid_fast.data import CameraAwareSampler
+
+    labels, cameras = _camera_case()
+    sampler = CameraAwareSampler(labels, cameras, batch_size=8, num_instances=4, seed=3, num_batches=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5 and all(len(b) == 8 for b in batches)
+    assert batches == list(sampler)  # deterministic for (seed, epoch)
+    sampler.set_epoch(1)
+    assert batches != list(sampler)
+    # a pass (13 indices) shorter than a batch: passes are joined rather than yielding nothing
+    wide = CameraAwareSampler(labels, cameras, batch_size=32, num_instances=4, seed=0, num_batches=2)
+    assert [len(b) for b in wide] == [32, 32]
+    with pytest.raises(ValueError, match="no label >= 0"):
+        CameraAwareSampler(np.full(3, -1), np.zeros(3), batch_size=4, num_instances=2)
+    with pytest.raises(ValueError, match="cameras must have"):
+        CameraAwareSampler(labels, cameras[:-1], batch_size=4, num_instances=2)

@@ -3,6 +3,7 @@ loss terms against literal implementations of their equations, the method's sche
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,7 @@ def make_method(*overrides, name="pclhd", seed=0):
              "infrared": {"mean": F.normalize(torch.randn(9, 16, generator=g), dim=1) * 0.98}}
     ema_feats = {m: {"mean": v["mean"] + 0.01} for m, v in feats.items()}
     context = make_context(model, config, extract=lambda encoder=None: ema_feats,
+                           cameras=lambda modality: np.arange(12 if modality == "visible" else 9) % 3,
                            images=lambda modality, idx: torch.randint(0, 255, (len(list(idx)), 3, 32, 16),
                                                                       dtype=torch.uint8, generator=g))
     method = PCLHD if name == "pclhd" else __import__("vireid_fast.methods", fromlist=["get_method"]).get_method(name)
@@ -527,3 +529,18 @@ def test_linked_labels_map_infrared_clusters_through_the_pgm_match():
     expect = torch.tensor([int(table[y]) if y >= 0 else -1 for y in labels["infrared"].tolist()])
     assert torch.equal(linked["infrared"], expect)
     assert (linked["infrared"] >= 0).any() and not torch.equal(linked["infrared"], labels["infrared"])
+
+
+def test_camera_aware_sampler_by_default_identity_on_request():
+    from vireid_fast.data import CameraAwareSampler, IdentityBalancedSampler
+
+    for kind, cls in (("camera", CameraAwareSampler), ("identity", IdentityBalancedSampler)):
+        method, feats, _ = make_method("method.all_modality_branch=false", f"method.sampler={kind}")
+        method.start_epoch(0)
+        labels = {"visible": VIS_LABELS.clone(), "infrared": IR_LABELS.clone()}
+        samplers = method.batch_sampler(labels, 0)
+        assert all(isinstance(s, cls) for s in samplers.values())
+        for m, sampler in samplers.items():
+            batches = list(sampler)
+            assert len(batches) == method.ctx.config.train.iters
+            assert all(labels[m][i] >= 0 for b in batches for i in b)

@@ -16,7 +16,7 @@ from .registry import (
     register_dataset,
     unregister_dataset,
 )
-from .samplers import CrossModalityPairSampler, IdentityBalancedSampler
+from .samplers import CameraAwareSampler, CrossModalityPairSampler, IdentityBalancedSampler
 from .sysu import SYSUMM01, SyntheticVIReID
 from .transforms import ChannelAugmentation, TestTransform, TrainTransform
 
@@ -26,7 +26,7 @@ __all__ = [
     "unregister_dataset", "SYSUMM01", "SyntheticVIReID", "generate",
     "PreparedRegDB", "PreparedSYSUMM01", "PreparedVIReID", "RegDB",
     "BadImageError", "ImageDataset", "find_bad_images", "load_image",
-    "CrossModalityPairSampler", "IdentityBalancedSampler",
+    "CameraAwareSampler", "CrossModalityPairSampler", "IdentityBalancedSampler",
     "ChannelAugmentation", "TestTransform", "TrainTransform",
 ]
 

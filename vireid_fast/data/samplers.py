@@ -3,8 +3,9 @@
 :class:`IdentityBalancedSampler`: P (pseudo-)identities × K instances per batch within one modality, labels -1
 (DBSCAN outliers) excluded, identities with fewer than K images drawn with replacement (so they still fill K slots).
 :class:`CrossModalityPairSampler`: a visible and an infrared P×K batch over the *same* P labels (shared pseudo-labels
-after cross-modality association, as SALCR/MULT train). Both are ``batch_sampler``\\ s for a DataLoader, seeded and
-reshuffled per epoch with :meth:`set_epoch`.
+after cross-modality association, as SALCR/MULT train). :class:`CameraAwareSampler`: cluster-contrast's
+camera-aware instance sampler (anchor plus members from other cameras), as PCLHD's official code trains. All are
+``batch_sampler``\\ s for a DataLoader, seeded and reshuffled per epoch with :meth:`set_epoch`.
 """
 
 from __future__ import annotations
@@ -130,3 +131,71 @@ class CrossModalityPairSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[list[int]]:
         for vis, ir in self.pairs():
             yield vis + [i + self.infrared_offset for i in ir]
+
+
+class CameraAwareSampler(torch.utils.data.Sampler):
+    """cluster-contrast's ``RandomMultipleGallerySampler`` as a batch sampler: each pass visits the labels in a new
+    random order; per label one random anchor, then ``num_instances - 1`` members drawn only from cameras other than
+    the anchor's when the label has any (else from its other members; a label with a single image contributes it
+    alone), without replacement when there are at least ``num_instances`` candidates, with replacement otherwise. The
+    pass's flat list is cut into batches of ``batch_size`` (labels may straddle two batches; the incomplete tail is
+    dropped, as the community's ``drop_last`` loader) and passes repeat until ``num_batches`` batches were yielded
+    (passes shorter than one batch are joined instead, where the community loader would yield nothing).
+
+    labels, cameras: (N,) int (label -1 = outlier, never sampled; cameras any integer ids).
+    """
+
+    def __init__(self, labels: Sequence[int], cameras: Sequence[int], batch_size: int, num_instances: int,
+                 seed: int = 0, num_batches: int = 1):
+        _check_pk(batch_size, num_instances)
+        self.groups = _groups(labels)
+        self.cameras = np.asarray(cameras)
+        if self.cameras.shape != np.asarray(labels).shape:
+            raise ValueError(f"cameras must have the labels' shape {np.asarray(labels).shape}, got "
+                             f"{self.cameras.shape}")
+        if not self.groups:
+            raise ValueError("no label >= 0 to sample (all outliers); raise cluster.eps or lower cluster.min_samples")
+        if not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}")
+        self.ids = np.array(sorted(self.groups), dtype=np.int64)
+        self.batch_size, self.K = int(batch_size), int(num_instances)
+        self.seed, self.num_batches, self.epoch = seed, int(num_batches), 0
+        # A pass always has the same length: 1 index for a single-image label, K for the others.
+        self.pass_length = sum(1 if g.size == 1 else self.K for g in self.groups.values())
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def one_pass(self, rng: np.random.Generator) -> list[int]:
+        """The flat index list of one pass over the labels."""
+        flat: list[int] = []
+        for label in rng.permutation(self.ids):
+            members = self.groups[int(label)]
+            anchor = int(members[rng.integers(members.size)])
+            flat.append(anchor)
+            candidates = members[self.cameras[members] != self.cameras[anchor]]
+            if candidates.size == 0:
+                candidates = members[members != anchor]
+            if candidates.size == 0 or self.K == 1:
+                continue
+            flat.extend(int(i) for i in rng.choice(candidates, size=self.K - 1,
+                                                   replace=candidates.size < self.K))
+        return flat
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch, 0xCA])
+        emitted, flat = 0, []
+        while True:
+            flat = flat + self.one_pass(rng)
+            full = len(flat) // self.batch_size
+            for b in range(full):
+                if emitted == self.num_batches:
+                    return
+                yield flat[b * self.batch_size:(b + 1) * self.batch_size]
+                emitted += 1
+            # The community loader drops each pass's tail; a pass shorter than one batch (few clusters) would then
+            # never yield, so only in that case the passes are joined.
+            flat = [] if full else flat

@@ -205,7 +205,7 @@ class Trainer:
             gather=self.gather, extract=self.extract_training_sets, log=self.log, log_value=self._log_value,
             timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth,
             images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed,
-            restart_optimizer=self._setup_optimizer)
+            restart_optimizer=self._setup_optimizer, cameras=self.training_cameras)
         self.method = get_method(self.config.method.name)(self.config.method, self.context).to(self.device)
         wants_ema = self.method.uses_ema or self.config.model.use_ema
         self.ema = (EMAEncoder(self.encoder, self.config.model.ema_beta, copy_buffers=self.method.ema_copies_buffers)
@@ -240,6 +240,10 @@ class Trainer:
         """True identities of the training images per modality, (N,) int64 in dataset order (metrics and the
         supervised ceiling only)."""
         return {m: np.array([r.pid for r in self.train_sets[m].records], dtype=np.int64) for m in MODALITIES}
+
+    def training_cameras(self, modality: Modality) -> np.ndarray:
+        """(N,) int64 camera ids of the training images of ``modality``, in dataset order."""
+        return np.array([r.camid for r in self.train_sets[Modality.parse(modality)].records], dtype=np.int64)
 
     def training_images(self, modality: Modality, indices) -> torch.Tensor:
         """uint8 (B, 3, H, W) training images of ``modality`` at dataset ``indices``, on the device."""

@@ -111,7 +111,8 @@ class MethodContext:
     indices): uint8 (B, 3, H, W) training images on the device (for batches a method draws itself, e.g. from a second
     sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them;
     restart_optimizer(): a fresh Adam and learning-rate schedule from ``train.lr`` (call it from ``start_epoch``, e.g.
-    when a new training stage begins; the schedule then counts epochs from there).
+    when a new training stage begins; the schedule then counts epochs from there); cameras(modality): (N,) int64
+    camera ids of the training images in dataset order (camera-aware samplers).
     """
 
     model: nn.Module
@@ -133,6 +134,7 @@ class MethodContext:
     seed: int = 0
     ema: nn.Module | None = field(default=None)
     restart_optimizer: Callable[[], None] | None = None
+    cameras: Callable[[Modality], np.ndarray] | None = None
 
 
 class Method(nn.Module):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.samplers import IdentityBalancedSampler
+from ..data.samplers import CameraAwareSampler, IdentityBalancedSampler
 from ..memory import DynamicMemory, HybridMemory
 from ..memory._function import lowest_k_mean_per_group
 from ..modality import INFRARED, MODALITIES, VISIBLE
@@ -95,6 +95,10 @@ class PCLHD(Method):
                                   help="paper lambda: lambda HPCL + (1 - lambda) DPCL (stage2_loss: paper)")
         hard_k: int = spec(1, min=1, max=16, help="hard samples merged into one hard prototype (paper Fig. 2b)")
         stage1_epochs: int = spec(50, min=0, help="E_CPCL: global epochs of stage 1")
+        sampler: str = spec("camera", choices=("camera", "identity"),
+                            help="camera: cluster-contrast's camera-aware sampler (anchor + members of other cameras, "
+                                 "train.num_identities x train.num_instances per batch), as the official code; "
+                                 "identity: the engine's P x K identity-balanced batches")
         restart_optimizer: bool = spec(True, help="a fresh Adam and StepLR at stage 2, as the official two runs "
                                                   "(false: one schedule over both stages)")
         stage1_loss: str = spec("hybrid", choices=("hybrid", "cpcl"),
@@ -285,25 +289,38 @@ class PCLHD(Method):
                                      "all/both_modality_clusters": float(both.sum()),
                                      "all/images": float(usable.sum())})
 
+    def _sampler(self, labels: torch.Tensor, modality, epoch: int, salt: int):
+        """One modality's batch sampler over ``labels`` (-1 never sampled), of the configured kind."""
+        t, ctx = self.ctx.config.train, self.ctx
+        seed = ctx.seed * 7919 + modality.code + 2 * ctx.rank + salt
+        if self.params.sampler == "camera":
+            sampler = CameraAwareSampler(labels.numpy(), ctx.cameras(modality), t.num_identities * t.num_instances,
+                                         t.num_instances, seed=seed, num_batches=t.iters)
+        else:
+            sampler = IdentityBalancedSampler(labels.numpy(), min(t.num_identities, count_clusters(labels)),
+                                              t.num_instances, seed=seed, num_batches=t.iters)
+        sampler.set_epoch(epoch)
+        return sampler
+
     def batch_sampler(self, labels, epoch):
-        samplers = super().batch_sampler(labels, epoch)
+        if self.params.sampler == "identity":
+            samplers = super().batch_sampler(labels, epoch)
+        elif any(count_clusters(labels[m]) == 0 for m in MODALITIES):
+            self.ctx.log(f"epoch {epoch + 1}: a modality has no cluster (all outliers); skipping training this epoch "
+                         "— raise cluster.eps or lower cluster.min_samples")
+            samplers = None
+        else:
+            samplers = {m: self._sampler(labels[m], m, epoch, 0) for m in MODALITIES}
         self._all_iters = None
         if samplers is None or self._all_lists is None:
             return samplers
-        t, ctx = self.ctx.config.train, self.ctx
+        ctx = self.ctx
         clusters = count_clusters(self._all_lists[VISIBLE])
         if clusters == 0:
             ctx.log(f"epoch {epoch + 1}: no all-modality cluster holds both modalities; the all-modality step is "
                     "skipped this epoch")
             return samplers
-        iters = {}
-        for m in MODALITIES:
-            sampler = IdentityBalancedSampler(self._all_lists[m].numpy(), min(t.num_identities, clusters),
-                                              t.num_instances, seed=ctx.seed * 7919 + m.code + 2 * ctx.rank + 104_729,
-                                              num_batches=t.iters)
-            sampler.set_epoch(epoch)
-            iters[m] = iter(sampler)
-        self._all_iters = iters
+        self._all_iters = {m: iter(self._sampler(self._all_lists[m], m, epoch, 104_729)) for m in MODALITIES}
         return samplers
 
     def end_epoch(self, epoch):
