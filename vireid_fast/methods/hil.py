@@ -18,6 +18,7 @@ a DCL-like stage (the paper starts from a 30-epoch SDCL checkpoint; ``model.pret
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -116,6 +117,10 @@ def brst(query: torch.Tensor, query_labels: torch.Tensor, prototypes: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------ loss terms
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (1/d and the 1e-8 clamp are not bf16-safe); float64 stays float64 (gradient checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
 def mccl_inverse_distance(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The code's MCCL (spec §2, no temperature) from cosines ``cos`` (B, C, P) of unit queries with unit centres.
 
@@ -123,7 +128,7 @@ def mccl_inverse_distance(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     A- = mean_{c != s_b} 1/min_p d[c] (0 when C = 1); loss_b = -log(A+ / (A+ + A- + 1e-8)).
     Returns (per-row loss (B,), s (B,) int64).
     """
-    d = (2.0 - 2.0 * cos.float()).clamp_min(1e-12).sqrt()
+    d = (2.0 - 2.0 * _f32(cos)).clamp_min(1e-12).sqrt()
     nearest = d.min(2).values                                               # (B, C)
     s = nearest.detach().argmin(1)
     rows = torch.arange(cos.shape[0], device=cos.device)
@@ -137,7 +142,7 @@ def mccl_softmax(cos: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Te
     """The paper's MCCL (Eq. 19-23) from cosines (B, C, P): s = cluster of the most similar centre; S_p = sum_p
     exp(cos[s, p] / τ), S_n = sum_{c != s} exp(max_p cos[c, p] / τ); loss_b = -log(S_p / (S_p + S_n)).
     Returns (per-row loss (B,), s (B,))."""
-    logits = cos.float() / temp
+    logits = _f32(cos) / temp
     per_cluster = logits.max(2).values
     s = per_cluster.detach().argmax(1)
     rows = torch.arange(cos.shape[0], device=cos.device)
@@ -165,8 +170,9 @@ def neighbour_loss(query: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     """Neighbour contrast of one branch, batch mean (): p_bj = softmax_j(q̂_b . target_j / τ) clamped at 1e-8;
     ``meanlog`` (code): -(1/(|R_b| + 1)) sum_{j in R_b} log p_bj; ``logsum`` (paper Eq. 16): -log sum_{j in R_b} p_bj.
     An empty R_b gives 0. query (B, D) un-normalised; target (N_t, D) unit rows (no gradient); mask (B, N_t)."""
-    log_p = F.log_softmax(F.normalize(query.float(), dim=1) @ target.T / temp, dim=1)
-    log_p = log_p.clamp_min(torch.log(torch.tensor(1e-8)).item())
+    query = _f32(query)
+    log_p = F.log_softmax(F.normalize(query, dim=1) @ target.to(query.dtype).T / temp, dim=1)
+    log_p = log_p.clamp_min(math.log(1e-8))
     size = mask.sum(1)
     if form == "meanlog":
         per_row = -(log_p * mask).sum(1) / (size + 1)
