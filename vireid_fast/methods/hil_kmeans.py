@@ -43,12 +43,13 @@ def kmeans_draws(seed: int, n_init: int, k: int) -> torch.Tensor:
     return torch.from_numpy(draws.reshape(n_init, 1 + (k - 1) * trials))
 
 
-def _plus_plus(x: torch.Tensor, x64: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, k: int,
+def _plus_plus(gram: torch.Tensor, sizes: torch.Tensor, valid: torch.Tensor, k: int,
                draws: torch.Tensor) -> torch.Tensor:
-    """k-means++ centre indices (I, G, k) int64 for a padded block x (G, n, D) float32 (x64: float64 copy)."""
-    inits, groups, n = draws.shape[0], x.shape[0], x.shape[1]
+    """k-means++ centre indices (I, G, k) int64 of a padded block with Gram matrices ``gram`` (G, n, n) float64 of
+    the centred float32 points (the candidates are data points, so every distance is a Gram lookup)."""
+    inits, groups, n = draws.shape[0], gram.shape[0], gram.shape[1]
     trials = 2 + int(np.log(k))
-    sq64 = (x64 * x64).sum(2)                                                   # (G, n)
+    sq64 = torch.diagonal(gram, dim1=1, dim2=2)                                 # (G, n)
     last = (sizes - 1)[None, :, None]                                           # clip as scikit-learn does
     # first centre: RandomState.choice(n, p = float32(1/n) each): cdf in float64, normalised, searchsorted right
     p = (1.0 / sizes.to(torch.float32)).to(torch.float64)
@@ -60,9 +61,7 @@ def _plus_plus(x: torch.Tensor, x64: torch.Tensor, sizes: torch.Tensor, valid: t
     g_index = torch.arange(groups)[None, :, None]
 
     def sq_dist(idx):  # (I, G, L) candidate indices -> (I, G, L, n) float32 squared distances (float64 inside)
-        cand = x64[g_index, idx]                                                # (I, G, L, D)
-        cross = torch.einsum("gnd,igld->igln", x64, cand)
-        d = sq64[None, :, None, :] + (cand * cand).sum(-1)[..., None] - 2.0 * cross
+        d = sq64[g_index, idx][..., None] + sq64[None, :, None, :] - 2.0 * gram[g_index, idx]
         return d.clamp_min(0.0).to(torch.float32).masked_fill(~valid[None, :, None, :], 0.0)
 
     closest = sq_dist(chosen)[:, :, 0]                                          # (I, G, n)
@@ -81,68 +80,68 @@ def _plus_plus(x: torch.Tensor, x64: torch.Tensor, sizes: torch.Tensor, valid: t
     return chosen
 
 
-def _assign(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """(I, G, n) argmin_k |c_k|^2 - 2 x.c_k for x (G, n, D), centres (I, G, k, D)."""
-    inits, groups, k, dim = centres.shape
-    flat = centres.permute(1, 0, 2, 3).reshape(groups, inits * k, dim)
-    cross = torch.bmm(x, flat.transpose(1, 2)).view(groups, -1, inits, k).permute(2, 0, 1, 3)  # (I, G, n, k)
-    return ((centres * centres).sum(-1)[:, :, None, :] - 2.0 * cross).argmin(-1)
+def _products(gram: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres as weights over the points, c_k = sum_j weights[k, j] x_j: returns x_i . c_k (I, G, n, k) and
+    |c_k|^2 (I, G, k), from the Gram matrices (G, n, n) and weights (I, G, k, n)."""
+    inits, groups, k, n = weights.shape
+    flat = weights.permute(1, 3, 0, 2).reshape(groups, n, inits * k)
+    cross = torch.bmm(gram, flat).view(groups, n, inits, k).permute(2, 0, 1, 3)  # (I, G, n, k)
+    sq = (cross * weights.transpose(2, 3)).sum(2)                                 # sum_i w_ki (x_i . c_k)
+    return cross, sq
 
 
-def _centre_sums(x: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, k: int):
-    """Sums (I, G, k, D) and counts (I, G, k) of the points of each label."""
-    inits, groups, n = labels.shape
-    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype) * valid[None, :, :, None].to(x.dtype)
-    flat = onehot.permute(1, 0, 3, 2).reshape(groups, inits * k, n)
-    sums = torch.bmm(flat, x).view(groups, inits, k, -1).permute(1, 0, 2, 3)
-    return sums, onehot.sum(2)
-
-
-def _relocate_empty(x, labels, valid, old, sums, counts):
-    """scikit-learn's empty-cluster step: each empty cluster takes the point farthest from its (old) centre, removed
-    from its own cluster's sum. Rare (duplicate points); a loop over the affected (init, problem) pairs only."""
-    empty_pairs = torch.nonzero((counts == 0).any(-1))
-    for i, g in empty_pairs.tolist():
-        members = valid[g]
-        dist = ((x[g] - old[i, g][labels[i, g]]) ** 2).sum(1).masked_fill(~members, -1.0)
+def _relocate_empty(sq_dist, labels, valid, members, counts):
+    """scikit-learn's empty-cluster step: each empty cluster takes the point farthest from its (old) centre, which
+    leaves its own cluster's sum. Rare (duplicate points); a loop over the affected (init, problem) pairs only."""
+    for i, g in torch.nonzero((counts == 0).any(-1)).tolist():
+        dist = sq_dist[i, g].masked_fill(~valid[g], -1.0)
         empties = torch.nonzero(counts[i, g] == 0).flatten()
         far = torch.sort(dist, descending=True, stable=True).indices[: empties.numel()]
         for new_id, point in zip(empties.tolist(), far.tolist(), strict=False):
             source = int(labels[i, g, point])
-            sums[i, g, source] -= x[g, point]
-            sums[i, g, new_id] = x[g, point]
+            members[i, g, source, point] -= 1
+            members[i, g, new_id, point] = 1
             counts[i, g, source] -= 1
             counts[i, g, new_id] = 1
 
 
-def _lloyd(x, valid, tol, centres, max_iter):
-    """Lloyd from centres (I, G, k, D) -> (labels (I, G, n), inertia (I, G)), every run stopping on its own."""
-    inits, groups, k, _ = centres.shape
-    n = x.shape[1]
+def _lloyd(gram, valid, tol, start, max_iter):
+    """Lloyd from the point indices ``start`` (I, G, k) -> (labels (I, G, n), inertia (I, G)), every run stopping on
+    its own; centres are kept as weights over the points (kernel form: every product is a Gram product)."""
+    inits, groups, k = start.shape
+    n = gram.shape[1]
+    sq = torch.diagonal(gram, dim1=1, dim2=2)[None, :, :]                      # (1, G, n)
+    weights = torch.nn.functional.one_hot(start, n).to(gram.dtype)              # (I, G, k, n)
     labels_old = torch.full((inits, groups, n), -1, dtype=torch.int64)
     active = torch.ones(inits, groups, dtype=torch.bool)
     strict = torch.zeros(inits, groups, dtype=torch.bool)
     strict_labels = labels_old.clone()
+    mask = valid[None, :, :, None].to(gram.dtype)
     for _ in range(max_iter):
-        labels = _assign(x, centres)
-        sums, counts = _centre_sums(x, labels, valid, k)
+        cross, csq = _products(gram, weights)
+        labels = (csq[:, :, None, :] - 2.0 * cross).argmin(-1)                  # argmin |c|^2 - 2 x.c
+        members = (torch.nn.functional.one_hot(labels, k).to(gram.dtype) * mask).transpose(2, 3)  # (I, G, k, n)
+        counts = members.sum(-1)
         if bool((counts == 0).any()):
-            _relocate_empty(x, labels, valid, centres, sums, counts)
-        new = sums / counts.clamp_min(1)[..., None]
-        new = torch.where((counts == 0)[..., None], centres, new)
-        shift = ((new - centres) ** 2).sum((-1, -2))
+            own = sq + csq.gather(2, labels) - 2.0 * cross.gather(3, labels[..., None])[..., 0]
+            _relocate_empty(own, labels, valid, members, counts)
+        new = members / counts.clamp_min(1)[..., None]
+        delta = new - weights
+        shift = (_products(gram, delta)[1]).sum(-1)                             # sum_k |c_new - c_old|^2
         same = ((labels == labels_old) | ~valid[None]).all(-1)
         done = active & (same | (shift <= tol[None, :]))
         strict |= active & same
         strict_labels = torch.where((active & same)[..., None], labels, strict_labels)
-        centres = torch.where(active[..., None, None], new, centres)
+        weights = torch.where(active[..., None, None], new, weights)
         labels_old = torch.where(active[..., None], labels, labels_old)
         active &= ~done
         if not bool(active.any()):
             break
-    labels = torch.where(strict[..., None], strict_labels, _assign(x, centres))
-    diff = x[None] - centres.gather(2, labels[..., None].expand(-1, -1, -1, x.shape[2]))
-    inertia = ((diff * diff).sum(-1) * valid[None]).sum(-1)
+    cross, csq = _products(gram, weights)
+    dist = csq[:, :, None, :] - 2.0 * cross
+    labels = torch.where(strict[..., None], strict_labels, dist.argmin(-1))
+    own = sq + dist.gather(3, labels[..., None])[..., 0]
+    inertia = (own.clamp_min(0.0) * valid[None]).sum(-1)
     return labels, inertia
 
 
@@ -199,7 +198,7 @@ def batched_kmeans(features: torch.Tensor, groups: torch.Tensor, num_groups: int
     pos = 0
     while pos < eligible.numel():
         n = int(sizes[eligible[pos]])
-        count = max(1, min(eligible.numel() - pos, BLOCK_ELEMENTS // max(1, n * dim)))
+        count = max(1, min(eligible.numel() - pos, BLOCK_ELEMENTS // max(1, n * dim, n * n * n_init * k)))
         block = eligible[pos: pos + count]
         pos += count
         bsizes = sizes[block]
@@ -209,15 +208,13 @@ def batched_kmeans(features: torch.Tensor, groups: torch.Tensor, num_groups: int
         member_rows = rows[index]                                               # (G, n) dataset rows
         x64 = x_all[member_rows].double() * valid[..., None]
         mean = x64.sum(1) / bsizes[:, None].double()
-        x64 = (x64 - mean[:, None, :]) * valid[..., None]
-        x = x64.float()
-        x64 = x.double()                                                        # float32 data, float64 arithmetic
-        var = (x64 * x64).sum(1) / bsizes[:, None].double() - (x64.sum(1) / bsizes[:, None].double()) ** 2
-        block_tol = (var.mean(1) * tol).float()
-        centre_idx = _plus_plus(x, x64, bsizes, valid, k, draws)               # (I, G, k)
+        x64 = ((x64 - mean[:, None, :]) * valid[..., None]).float().double()  # float32 data, float64 arithmetic
+        gram = torch.bmm(x64, x64.transpose(1, 2))                              # (G, n, n)
         del x64
-        centres = x[torch.arange(block.numel())[None, :, None], centre_idx]     # (I, G, k, D)
-        labels, inertia = _lloyd(x, valid, block_tol, centres, max_iter)
+        # scikit-learn's tolerance: tol * mean over features of the variance = tol * trace(gram) / (n D)
+        block_tol = torch.diagonal(gram, dim1=1, dim2=2).sum(1) / (bsizes.double() * dim) * tol
+        centre_idx = _plus_plus(gram, bsizes, valid, k, draws)                 # (I, G, k)
+        labels, inertia = _lloyd(gram, valid, block_tol, centre_idx, max_iter)
         best = _pick_best(labels, inertia, valid, k)
         used = torch.zeros(block.numel(), k + 1).scatter_(1, torch.where(valid, best, k), 1.0)[:, :k]
         ok = (used > 0).all(1)
