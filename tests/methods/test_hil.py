@@ -613,3 +613,22 @@ def test_resumes_bit_exact(tiny, tmp_path, monkeypatch):
         for key in sa:
             if isinstance(sa[key], torch.Tensor):
                 assert torch.equal(sa[key], sb[key]), key
+
+
+def test_shallow_head_follows_the_encoder_mode_and_starts_from_stage4():
+    method, _ = make_method()
+    head = method.shallow_head
+    encoder = method.ctx.encoder
+    for a, b in zip(head.layer4.parameters(), encoder.layer4.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # a copy, trained separately
+    images = torch.rand(4, 3, 32, 16)
+    stats = head.bnneck.running_mean.clone()
+    encoder.eval()
+    out = method.embed(encoder, images, 0)  # extraction: eval mode, statistics untouched
+    assert torch.equal(head.bnneck.running_mean, stats) and head.training
+    assert set(out) == {"f", "g", "feature"} and out["feature"].shape == (4, 32)
+    encoder.train()
+    method.encode(encoder, images, 0)
+    assert not torch.equal(head.bnneck.running_mean, stats)
+    cheap, _ = make_method("method.shallow_head=pool_proj_stage3")
+    assert cheap.shallow_head.source == "stage3" and cheap.encode(encoder, images, 0)[1].shape == (4, 16)
