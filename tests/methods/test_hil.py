@@ -156,6 +156,14 @@ def test_brst_spec_example_and_invariants():
     assert brst(x3, y3, proto, 0.996).tolist() == [0, -1, -1, -1, -1, -1]
 
 
+def test_brst_ties_go_to_the_first_prototype_and_more_clusters_than_rows():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    proto = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]])  # duplicates, 5 > 2 rows
+    assert brst(x, y, proto, 0.5).tolist() == [1, 0]
+    assert torch.equal(brst(x, y, proto, 0.5), literal_brst(x, y, proto, 0.5))
+
+
 def test_brst_against_literal_loop_in_chunks(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(50, 6, generator=g)
