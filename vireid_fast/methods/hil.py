@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..memory._function import MemoryLogits
+from ..memory.cluster import multi_centre_contrast, nearest_centre_update
 from ..modality import INFRARED, MODALITIES, VISIBLE
 from ..models.agw import GeM
 from ..ops import memory_contrastive, memory_update
@@ -141,15 +142,8 @@ def mccl_inverse_distance(cos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def mccl_softmax(cos: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's MCCL (Eq. 19-23) from cosines (B, C, P): s = cluster of the most similar centre; S_p = sum_p
     exp(cos[s, p] / τ), S_n = sum_{c != s} exp(max_p cos[c, p] / τ); loss_b = -log(S_p / (S_p + S_n)).
-    Returns (per-row loss (B,), s (B,))."""
-    logits = _f32(cos) / temp
-    per_cluster = logits.max(2).values
-    s = per_cluster.detach().argmax(1)
-    rows = torch.arange(cos.shape[0], device=cos.device)
-    lse_pos = torch.logsumexp(logits[rows, s], dim=1)
-    others = per_cluster.masked_fill(F.one_hot(s, cos.shape[1]).bool(), -float("inf"))
-    lse_all = torch.logaddexp(lse_pos, torch.logsumexp(others, dim=1))
-    return lse_all - lse_pos, s
+    Returns (per-row loss (B,), s (B,)) (:func:`vireid_fast.memory.cluster.multi_centre_contrast`)."""
+    return multi_centre_contrast(_f32(cos) / temp)
 
 
 @torch.no_grad()
@@ -182,15 +176,6 @@ def neighbour_loss(query: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     else:
         raise ValueError(f"form must be 'meanlog' or 'logsum', got {form!r}")
     return per_row.mean()
-
-
-def _nearest_centre_update(x: torch.Tensor, flat: torch.Tensor, targets: torch.Tensor, centres: int,
-                           momentum: float) -> None:
-    """Paper Alg. 1's sub-centre update: per row, the centre of its cluster most similar to it (memory before this
-    step) moves ``normalize(μ c + (1 - μ) x̂)``, sequentially in batch order."""
-    view = flat.view(-1, centres, flat.shape[1])
-    nearest = torch.einsum("bd,bpd->bp", x, view[targets]).argmax(1)
-    memory_update(x, targets * centres + nearest, flat, momentum=momentum, update="sequential", normalized=True)
 
 
 # ------------------------------------------------------------------------------------------------ shallow head
@@ -542,7 +527,7 @@ class HIL(Method):
         flat = centres.view(num * per, dim)
         update = None
         if self.params.subcentre_update == "nearest" and targets is not None:
-            update = partial(_nearest_centre_update, flat=flat, targets=targets, centres=per,
+            update = partial(nearest_centre_update, features=centres, targets=targets,
                              momentum=self.params.cluster_momentum)
         return MemoryLogits.apply(x, flat, update).view(-1, num, per)
 
