@@ -605,6 +605,7 @@ def test_trains_in_the_engine(tiny, tmp_path, name, extra):
     assert all(math.isfinite(r["loss/total"]) for r in train_rows)
     assert "loss/mccl" in train_rows[-1] and "loss/neighbor" in train_rows[-1]
     assert ("brst/kept" in train_rows[-1]) == ("method.brst=false" not in extra)
+    assert 0 < train_rows[-1]["hil/subcentres_s"] <= train_rows[-1]["time/memory"]
 
 
 def test_resumes_bit_exact(tiny, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -418,21 +419,24 @@ class HIL(Method):
                 pooled_labels = torch.cat([labels[VISIBLE], labels[INFRARED]])
                 setattr(self, f"id_{b}", pooled_means(pooled, pooled_labels, unified).to(device))
                 if self.mccl_on:
-                    with self.ctx.timed("subcentres"):
-                        setattr(self, f"centres_{b}", self._centres(pooled, pooled_labels, unified).to(device))
+                    setattr(self, f"centres_{b}", self._centres(pooled, pooled_labels, unified).to(device))
                 continue
             for m in MODALITIES:
                 num = unified if unified is not None else count_clusters(labels[m])
                 setattr(self, f"id_{b}_{m}", pooled_means(features[m][key], labels[m], num).to(device))
                 if self.mccl_on:
-                    with self.ctx.timed("subcentres"):
-                        setattr(self, f"centres_{b}_{m}", self._centres(features[m][key], labels[m], num).to(device))
+                    setattr(self, f"centres_{b}_{m}", self._centres(features[m][key], labels[m], num).to(device))
 
     def _centres(self, feats, labels, num):
+        """SubCentres of one buffer; its wall time is added to the epoch's ``hil/subcentres_s`` (inside the engine's
+        ``time/memory``)."""
         p = self.params
+        start = time.perf_counter()
         kfeats = feats if p.kmeans_on == "raw" else F.normalize(feats.float(), dim=1)
-        return sub_centres(feats, labels, num, p.num_subcentres, mix=p.subcentre_mix, include_mean=p.include_mean_row,
-                           kmeans_features=kfeats, n_init=p.kmeans_n_init, seed=p.kmeans_seed)
+        out = sub_centres(feats, labels, num, p.num_subcentres, mix=p.subcentre_mix, include_mean=p.include_mean_row,
+                          kmeans_features=kfeats, n_init=p.kmeans_n_init, seed=p.kmeans_seed)
+        self._info["hil/subcentres_s"] = self._info.get("hil/subcentres_s", 0.0) + time.perf_counter() - start
+        return out
 
     def end_epoch(self, epoch):
         del epoch
