@@ -606,6 +606,15 @@ def test_trains_in_the_engine(tiny, tmp_path, name, extra):
     assert "loss/mccl" in train_rows[-1] and "loss/neighbor" in train_rows[-1]
     assert ("brst/kept" in train_rows[-1]) == ("method.brst=false" not in extra)
     assert 0 < train_rows[-1]["hil/subcentres_s"] <= train_rows[-1]["time/memory"]
+    from vireid_fast.modality import VISIBLE
+
+    feature = trainer.embed_dataset(trainer.train_sets[VISIBLE], VISIBLE)["feature"]  # the engine's finish hook
+    if "method.shallow=false" in extra:
+        torch.testing.assert_close(feature.norm(dim=1), torch.ones(feature.shape[0]))
+    else:  # per_part: deep and shallow halves unit-norm each
+        half = feature.shape[1] // 2
+        torch.testing.assert_close(feature[:, :half].norm(dim=1), torch.ones(feature.shape[0]))
+        torch.testing.assert_close(feature[:, half:].norm(dim=1), torch.ones(feature.shape[0]))
 
 
 def test_resumes_bit_exact(tiny, tmp_path, monkeypatch):
