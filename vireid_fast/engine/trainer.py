@@ -269,7 +269,8 @@ class Trainer:
     def embed_dataset(self, dataset: ImageDataset, modality: Modality, model: torch.nn.Module | None = None
                       ) -> dict[str, torch.Tensor]:
         """Named embeddings (:meth:`Method.embed`) of every image of ``dataset`` on the CPU, in dataset order: the
-        image and its flip are summed, the method's ``normalized_embeddings`` L2-normalised. In multi-process runs
+        image and its flip are summed, then :meth:`Method.finish_embeddings` (default: the method's
+        ``normalized_embeddings`` L2-normalised). In multi-process runs
         each rank embeds a shard and the result is assembled on every rank."""
         model = self.encoder if model is None else model
         modality = Modality.parse(modality)
@@ -283,10 +284,8 @@ class Trainer:
             x, x_flip = self.test_transform.views(images.to(self.device))
             with self.autocast():
                 plain, flipped = self.method.embed(model, x, modality), self.method.embed(model, x_flip, modality)
-            for name in plain:
-                f = plain[name].float() + flipped[name].float()
-                if name in self.method.normalized_embeddings:
-                    f = torch.nn.functional.normalize(f, dim=1)
+            summed = {name: plain[name].float() + flipped[name].float() for name in plain}
+            for name, f in self.method.finish_embeddings(summed).items():
                 parts.setdefault(name, []).append(f)
         model.train(was_training)
         if not parts:  # an empty shard still has to take part in the assembly with the right shapes

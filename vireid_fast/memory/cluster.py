@@ -16,7 +16,7 @@ from torch import nn
 from ..ops.memory_contrastive import memory_update
 from ._function import MemoryLogits, check_memory_inputs, lowest_k_mean_per_group, momentum_step_
 
-__all__ = ["DynamicMemory", "HybridMemory", "MultiCentreMemory"]
+__all__ = ["DynamicMemory", "HybridMemory", "MultiCentreMemory", "multi_centre_contrast", "nearest_centre_update"]
 
 
 class HybridMemory(nn.Module):
@@ -191,11 +191,7 @@ class MultiCentreMemory(nn.Module):
         self.register_buffer("features", torch.zeros(num_samples, num_centres, num_features))
 
     def _update(self, x: torch.Tensor, targets: torch.Tensor) -> None:
-        flat = self.features.view(-1, self.features.shape[-1])
-        centres = self.features.shape[1]
-        nearest = torch.einsum("bd,bpd->bp", x, self.features[targets]).argmax(1)
-        memory_update(x, targets * centres + nearest, flat, momentum=self.momentum, update="sequential",
-                      normalized=True)
+        nearest_centre_update(x, self.features, targets, self.momentum)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.features.dim() != 3 or not self.features.is_contiguous():
@@ -208,10 +204,26 @@ class MultiCentreMemory(nn.Module):
         logits = logits.view(-1, classes, centres)
         per_cluster = logits.max(dim=2).values
         identity = F.cross_entropy(per_cluster, targets)
-        batch = torch.arange(logits.shape[0], device=logits.device)
-        chosen = logits.detach().reshape(logits.shape[0], -1).argmax(1) // centres
-        positives = logits[batch, chosen]                                        # (B, P)
-        negatives = per_cluster.masked_fill(F.one_hot(chosen, classes).bool(), float("-inf"))
-        lse_pos = torch.logsumexp(positives, dim=1)
-        lse_all = torch.logsumexp(torch.cat([positives, negatives], dim=1), dim=1)
-        return identity, (lse_all - lse_pos).mean()
+        return identity, multi_centre_contrast(logits)[0].mean()
+
+
+def nearest_centre_update(x: torch.Tensor, features: torch.Tensor, targets: torch.Tensor, momentum: float) -> None:
+    """For each row b in batch order, the centre of cluster ``targets[b]`` most similar to x_b (chosen with the buffer
+    before this call) moves to ``normalize(μ c + (1 - μ) x_b)`` — sequential :func:`memory_update` on the flattened
+    (C P, D) rows. x: (B, D) unit rows; features: contiguous (C, P, D) buffer, updated in place."""
+    flat = features.view(-1, features.shape[-1])
+    centres = features.shape[1]
+    nearest = torch.einsum("bd,bpd->bp", x, features[targets]).argmax(1)
+    memory_update(x, targets * centres + nearest, flat, momentum=momentum, update="sequential", normalized=True)
+
+
+def multi_centre_contrast(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MCCL (HIL Eq. 19-23) per row from logits (B, C, P) = similarity / τ: s = the cluster of the single largest
+    logit; ``-log(sum_p e^{l[s, p]} / (sum_p e^{l[s, p]} + sum_{c != s} e^{max_p l[c, p]}))``. Returns (per-row loss
+    (B,), s (B,) int64)."""
+    per_cluster = logits.max(dim=2).values
+    chosen = per_cluster.detach().argmax(1)
+    batch = torch.arange(logits.shape[0], device=logits.device)
+    lse_pos = torch.logsumexp(logits[batch, chosen], dim=1)
+    negatives = per_cluster.masked_fill(F.one_hot(chosen, logits.shape[1]).bool(), float("-inf"))
+    return torch.logaddexp(lse_pos, torch.logsumexp(negatives, dim=1)) - lse_pos, chosen

@@ -177,8 +177,16 @@ class Method(nn.Module):
 
     def embed(self, model: nn.Module, images: torch.Tensor, modality: Modality) -> dict[str, torch.Tensor]:
         """Named (B, ...) float embeddings of a batch of normalised images: default ``{"feature": BNNeck output}``.
-        ``model`` accepts ``outputs=("stage3", "stage4", "pooled", "feature")`` for more than the embedding."""
+        ``model`` accepts ``outputs=("stage2", "stage3", "stage4", "pooled", "feature")`` for more than the
+        embedding."""
         return {"feature": model(images, modality)}
+
+    def finish_embeddings(self, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per extraction batch, after the two flip views of each embedding are summed: (B, ...) float32 tensors by
+        name -> the stored ones. Default: the names in ``normalized_embeddings`` L2-normalised (override for other
+        per-image post-processing, e.g. normalising parts of a concatenated feature separately)."""
+        return {name: torch.nn.functional.normalize(f, dim=1) if name in self.normalized_embeddings else f
+                for name, f in embeddings.items()}
 
     def pseudo_label(self, features: Features) -> Labels:
         """(N,) int64 labels per modality (-1 = outlier): per-modality Jaccard + DBSCAN, then :meth:`associate`."""

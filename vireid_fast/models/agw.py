@@ -17,9 +17,9 @@ from ..modality import Modality
 from .resnet import BLOCKS, Stem, init_weights, make_layer
 
 VISIBLE, INFRARED = Modality.VISIBLE.code, Modality.INFRARED.code
-#: What ``forward(..., outputs=...)`` can return: the stage-3 and stage-4 maps (B, C, h, w), the pooled feature and
-#: the BNNeck embedding (B, feature_dim).
-OUTPUTS = ("stage3", "stage4", "pooled", "feature")
+#: What ``forward(..., outputs=...)`` can return: the stage-2, stage-3 and stage-4 maps (B, C, h, w), the pooled
+#: feature and the BNNeck embedding (B, feature_dim).
+OUTPUTS = ("stage2", "stage3", "stage4", "pooled", "feature")
 
 
 class NonLocal(nn.Module):
@@ -145,7 +145,7 @@ class TwoStreamResNet(nn.Module):
                 x = block(x)
                 if index in after:
                     x = nl_blocks[after.index(index)](x)
-            if stage >= 2:
+            if stage >= 1:
                 maps[f"stage{stage + 1}"] = x
         pooled = self.pool(x) if self.pool is not None else F.adaptive_avg_pool2d(x, 1).flatten(1)
         feat = self.bnneck(pooled)
