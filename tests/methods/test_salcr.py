@@ -80,8 +80,8 @@ def test_query_eq9_and_attention_eq10_11_against_literal():
     q = head.queries(parts)
     for b in range(3):
         for p in range(2):
-            alpha = [1 / (1 + math.exp(-float(head.prototypes[p].detach() @ parts[b, p, l]))) for l in range(5)]
-            literal = sum(a * parts[b, p, l] for l, a in enumerate(alpha)) / sum(alpha)
+            alpha = [1 / (1 + math.exp(-float(head.prototypes[p].detach() @ parts[b, p, px]))) for px in range(5)]
+            literal = sum(a * parts[b, p, px] for px, a in enumerate(alpha)) / sum(alpha)
             torch.testing.assert_close(q[b, p], literal)
     with torch.no_grad():
         head.prototypes.zero_()
@@ -90,7 +90,7 @@ def test_query_eq9_and_attention_eq10_11_against_literal():
     f = head.attend(q, target)
     for b in range(3):
         for p in range(2):
-            beta = torch.softmax(torch.stack([q[b, p] @ target[b, p, l] for l in range(5)]) / 2.0, 0)  # sqrt(4)
+            beta = torch.softmax(torch.stack([q[b, p] @ target[b, p, px] for px in range(5)]) / 2.0, 0)  # sqrt(4)
             torch.testing.assert_close(f[b, p], (beta[:, None] * target[b, p]).sum(0))
     torch.testing.assert_close(head.attend(torch.zeros(3, 2, 4, dtype=torch.float64), target), target.mean(2))
 
