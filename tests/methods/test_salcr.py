@@ -165,6 +165,36 @@ def test_bn_p_runs_three_times_and_bn_g_once_per_step():
     assert int(method.ctx.model.bn.num_batches_tracked) == before_g + 1
 
 
+def test_stage2_recreates_the_part_head_once():
+    method = make_method(d=3)
+    head = method.part_head
+    with torch.no_grad():
+        head.prototypes.zero_()
+        head.bn.running_mean.fill_(5.0)
+    method.start_epoch(method.params.stage1_epochs + 1)  # a later stage-2 epoch keeps the trained head
+    assert head.prototypes.abs().sum() == 0 and head.bn.running_mean[0] == 5.0
+    method.start_epoch(method.params.stage1_epochs)
+    assert head.prototypes.abs().sum() > 0 and head.bn.running_mean.abs().sum() == 0
+    assert abs(float(head.prototypes.std()) - math.sqrt(2 / 3)) < 0.8  # Kaiming normal, std sqrt(2 / d)
+    assert head.bn.bias.abs().sum() == 0 and not head.bn.bias.requires_grad
+
+
+def test_eval_embedding_parts_first_global_last_without_moving_bn_p():
+    method = make_method("method.num_parts=2", d=3)
+    method.part_head.train()
+    stats = method.part_head.bn.running_mean.clone(), int(method.part_head.bn.num_batches_tracked)
+    model = method.ctx.model.eval()
+    images = torch.rand(4, 3, 6, 3)
+    out = method.embed(model, images, 0)
+    assert torch.equal(method.part_head.bn.running_mean, stats[0])
+    assert int(method.part_head.bn.num_batches_tracked) == stats[1] and method.part_head.training
+    full = model(images, 0, outputs=("stage4", "feature"))
+    method.part_head.eval()
+    torch.testing.assert_close(out["pg"][:, :6], method.part_head.own(full["stage4"]).flatten(1))
+    torch.testing.assert_close(out["pg"][:, 6:], full["feature"])
+    torch.testing.assert_close(out["feature"], full["feature"])
+
+
 # ------------------------------------------------------------------------------------------------- memories
 def set_banks(method, kv, kr, n_v, n_r, d, num_parts, seed=0):
     method.memory_visible = unit(kv, d, seed=seed)
