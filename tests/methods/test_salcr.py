@@ -596,6 +596,54 @@ def test_pair_sampler_pairs_by_label_space():
         assert 6 not in vis and 5 not in ir
 
 
+def test_stage1_only_never_switches_and_stage1_is_dcl():
+    from vireid_fast.config import load_config
+
+    config = load_config(None, ["method.name=salcr", "method.stage1_only=true", "method.stage1_epochs=1"])
+    method = SALCR(config.method, make_context(FakeEncoder(3), config=config))
+    for epoch in range(4):
+        method.start_epoch(epoch)
+        assert method.stage == 1
+    out = method.embed(method.ctx.model.eval(), torch.rand(2, 3, 6, 3), 0)
+    assert set(out) == {"feature"}  # no part head in stage 1
+
+
+def test_converged_stop_gives_the_reference_labels_on_balanced_clusters():
+    torch.manual_seed(5)
+    centres = F.normalize(torch.randn(6, 32), dim=1)
+    ids = torch.arange(60) % 6
+    fv = F.normalize(centres[ids] + 0.1 * torch.randn(60, 32), dim=1)
+    fr = F.normalize(centres[ids[:36]] + 0.1 * torch.randn(36, 32), dim=1)
+    ref = dagl_associate(fv, fr, ids, ids[:36], cmfp_k=None, stop="reference")
+    conv = dagl_associate(fv, fr, ids, ids[:36], cmfp_k=None, stop="converged")
+    assert torch.equal(ref["cross_v"], conv["cross_v"]) and torch.equal(ref["cross_r"], conv["cross_r"])
+    assert torch.equal(ref["cross_v"], ids) and torch.equal(ref["cross_r"], ids[:36])
+
+
+def test_cluster_emptied_by_refinement_keeps_its_rows_and_is_never_sampled():
+    from vireid_fast.modality import INFRARED, VISIBLE
+
+    method = make_method("method.k_train=2", "method.num_parts=1", "method.pair_identities=2",
+                         "method.pair_instances=1", "method.cmfp_train=false", "train.iters=20", d=2)
+    # visible cluster 1 = one far-off point and one near cluster 0's members: its short centre loses both
+    g_v = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.05], [0.95, 0.3], [0.0, 1.0], [1.0, 0.02]]), dim=1)
+    raw_v = torch.tensor([0, 0, 1, 1, 0])
+    g_r = F.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 0.0]]), dim=1)
+    raw_r = torch.tensor([0, 1, 0])
+    feats = {VISIBLE: {"feature": g_v, "pg": torch.cat([g_v, g_v], 1)},
+             INFRARED: {"feature": g_r, "pg": torch.cat([g_r, g_r], 1)}}
+    method.raw_labels = {VISIBLE: raw_v, INFRARED: raw_r}
+    labels = method.associate(feats, method.raw_labels)
+    method.build_memories(feats, labels)
+    assert method.memory_visible.shape[0] == 2 and method.part_vv.shape[1] == 2
+    emptied = set(range(2)) - set(labels[VISIBLE].tolist())
+    batches = method.batch_sampler(labels, 0)
+    if batches is None:  # no visible-space label left with both modalities: the epoch is skipped, never a crash
+        return
+    for vis in batches[VISIBLE]:
+        assert not emptied & {int(labels[VISIBLE][i]) for i in vis[:1]}
+
+
 def test_paper_preset_keys():
     paper = make_method(name="salcr_paper", d=3)
     p = paper.params

@@ -180,7 +180,8 @@ def dagl_associate(visible: torch.Tensor, infrared: torch.Tensor, labels_v: torc
     cv, cr = _centres(fv, labels_v, kv), _centres(fr, labels_r, kr)
     if center_norm:
         cv, cr = F.normalize(cv, dim=1), F.normalize(cr, dim=1)
-    options = {"stop": stop, "max_iter": 500, "tol": 0.1} if stop == "reference" else {"stop": stop}
+    options = {"stop": stop, "max_iter": 500, "tol": 0.1} if stop == "reference" else \
+        {"stop": stop, "max_iter": 10000, "tol": 1e-6}
     cross_v, _ = ot_assign(fv, cr, lam, **options)
     cross_r, _ = ot_assign(fr, cv, lam, **options)
     intra_v = (fv @ cv.t()).argmax(1) if refine else labels_v.clone()
