@@ -38,7 +38,7 @@ from .clustering import count_clusters, jaccard_dbscan
 from .dcl import DCL
 
 __all__ = ["SALCR", "PartHead", "SALCRPaper", "cluster_term", "dagl_associate", "positive_set_terms",
-           "reduce_rows", "top_k_mask"]
+           "reduce_rows", "top_k_from_scores", "top_k_mask"]
 
 #: Row order of the nine (map, query) part families: blocks by map v, a, r, inside by query v, a, r.
 FAMILIES = tuple((m, q) for m in "var" for q in "var")
@@ -103,11 +103,16 @@ class PartHead(nn.Module):
 def top_k_mask(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     """T_k(x; M) as a (B, N) bool mask: entries of normalize(x) M^T strictly above the row's (k+1)-th largest value
     (ties at the boundary are not broken; all N when N <= k). x: (B, d), bank: (N, d) L2-normalised rows."""
-    sims = F.normalize(x.detach().float(), dim=1) @ bank.t()
-    if bank.shape[0] <= k:
-        return torch.ones_like(sims, dtype=torch.bool)
-    threshold = torch.topk(sims, k + 1, dim=1).values[:, k:k + 1]
-    return sims > threshold
+    return top_k_from_scores(F.normalize(x.detach().float(), dim=1) @ bank.t(), k)
+
+
+def top_k_from_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, N) bool: entries strictly above the row's (k+1)-th largest score (all N when N <= k)."""
+    scores = scores.detach()
+    if scores.shape[1] <= k:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = torch.topk(scores, k + 1, dim=1).values[:, k:k + 1]
+    return scores > threshold
 
 
 def positive_set_terms(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -513,24 +518,28 @@ class SALCR(DCL):
         fam = dict(fam)
         if p.ra_slot == "reference":
             fam["ra"] = fam["va"]
-        glob = {"v": gv, "a": ga, "r": gr}
         s = gv.shape[0]
         dev = gv.device
         groups = torch.arange(9, device=dev).repeat_interleave(s)
         own_v = None if rows_v is None else self._own_rows(rows_v, FAMILIES.index(("v", "v")), 9)
         own_r = None if rows_r is None else self._own_rows(rows_r, FAMILIES.index(("r", "r")), 9)
+        k = p.k_instance
+        # the query's own global neighbours do not depend on the part: once per bank, (3, S, N) by query v, a, r
+        near_g = [top_k_mask(torch.cat([gv, ga, gr]), bank, k).view(3, s, -1) for bank in
+                  (self.instance_v, self.instance_r)]
+        slot = {key: i for i, key in enumerate(FAMILIES)}
         total = 0.0
         for part in range(p.num_parts):
             x = torch.cat([fam[m + q][:, part] for m, q in FAMILIES])
-            banks = ((self.instance_v, self.instance_vp[part], own_v), (self.instance_r, self.instance_rp[part], own_r))
-            for bank_g, bank_p, rows_of in banks:
-                near = {m + q: top_k_mask(fam[m + q][:, part], bank_p, p.k_instance) for m, q in FAMILIES}
-                near_g = {q: top_k_mask(glob[q], bank_g, p.k_instance) for q in "var"}
+            banks = ((self.instance_vp[part], own_v, near_g[0]), (self.instance_rp[part], own_r, near_g[1]))
+            for bank_p, rows_of, glob_near in banks:
+                logits = self._instance_logits(x, bank_p, rows_of)
+                near = top_k_from_scores(logits, k).view(9, s, -1)  # the ranking of the logits is the cosine's
                 masks = []
                 for m, q in FAMILIES:
-                    other = [o for o in "var" if o != m]
-                    masks.append(near_g[q] & (near[other[0] + q] | near[other[1] + q]))
-                per_row, valid = positive_set_terms(self._instance_logits(x, bank_p, rows_of), torch.cat(masks))
+                    o1, o2 = (o for o in "var" if o != m)
+                    masks.append(glob_near["var".index(q)] & (near[slot[(o1, q)]] | near[slot[(o2, q)]]))
+                per_row, valid = positive_set_terms(logits, torch.cat(masks))
                 self._count_empty(valid)
                 total = total + reduce_rows(per_row, valid, groups, p.loss_norm)
         return total / p.num_parts
