@@ -680,6 +680,14 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     assert {"loss/global", "loss/fgsal", "loss/gpcr_global", "loss/gpcr_part"} <= set(rows[-1])
     assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
     assert "part_head.prototypes" in full.method.state_dict()
+    # the engine reports the pair precision/recall of both label spaces in stage 2 (the shared_label_spaces hook)
+    assert "xmod/visible_space/precision" not in rows[0] and 0 <= rows[-1]["xmod/infrared_space/recall"] <= 1
+    from vireid_fast.engine.metrics import cross_modality_pair_precision_recall
+
+    truth = full.ground_truth()
+    expect = cross_modality_pair_precision_recall(truth["visible"], full.method.intra_visible.numpy(),
+                                                  truth["infrared"], full.method.cross_infrared.numpy())
+    assert rows[-1]["xmod/visible_space/precision"] == pytest.approx(expect[0], nan_ok=True)
     killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
     kill_during_epoch(killed, 2, monkeypatch)
     torch.manual_seed(999)

@@ -354,6 +354,14 @@ class SALCR(DCL):
         self.row_visible = torch.cumsum(keep_v.long(), 0) - 1
         self.row_infrared = torch.cumsum(keep_r.long(), 0) - 1
 
+    def shared_label_spaces(self):
+        """Stage 2: the visible space (intra visible, cross infrared) and the infrared space (cross visible, intra
+        infrared) the pairs are drawn from."""
+        if self.stage == 1 or self.cross_visible is None or self.intra_visible is None:
+            return {}
+        return {"visible_space": (self.intra_visible.cpu(), self.cross_infrared.cpu()),
+                "infrared_space": (self.cross_visible.cpu(), self.intra_infrared.cpu())}
+
     def batch_sampler(self, labels, epoch):
         if self.stage == 1:
             return super().batch_sampler(labels, epoch)
