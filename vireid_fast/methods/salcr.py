@@ -162,9 +162,11 @@ def cluster_term(x: torch.Tensor, targets: torch.Tensor, memory: torch.Tensor, g
 def _centres(features: torch.Tensor, labels: torch.Tensor, num: int) -> torch.Tensor:
     """(num, d) float32 unnormalised mean of each label 0..num-1 (label -1 skipped; an empty label gives 0)."""
     keep = labels >= 0
-    sums = torch.zeros(num, features.shape[1], dtype=torch.float32).index_add_(0, labels[keep], features[keep].float())
+    # outliers go to an extra row that is dropped, so the (N, d) features are never copied
+    target = torch.where(keep, labels, torch.full_like(labels, num))
+    sums = torch.zeros(num + 1, features.shape[1], dtype=torch.float32).index_add_(0, target, features.float())
     counts = torch.bincount(labels[keep], minlength=num).clamp(min=1).float()
-    return sums / counts[:, None]
+    return sums[:num] / counts[:, None]
 
 
 def dagl_associate(visible: torch.Tensor, infrared: torch.Tensor, labels_v: torch.Tensor, labels_r: torch.Tensor, *,
@@ -347,12 +349,19 @@ class SALCR(DCL):
         keep_v, keep_r = raw[VISIBLE] >= 0, raw[INFRARED] >= 0
         self.instance_v = features[VISIBLE]["feature"][keep_v].float().contiguous().to(device)
         self.instance_r = features[INFRARED]["feature"][keep_r].float().contiguous().to(device)
-        inst_vp = features[VISIBLE]["pg"][keep_v][:, : p.num_parts * dim].reshape(-1, p.num_parts, dim)
-        inst_rp = features[INFRARED]["pg"][keep_r][:, : p.num_parts * dim].reshape(-1, p.num_parts, dim)
-        self.instance_vp = F.normalize(inst_vp.transpose(0, 1).float(), dim=2).contiguous().to(device)
-        self.instance_rp = F.normalize(inst_rp.transpose(0, 1).float(), dim=2).contiguous().to(device)
+        self.instance_vp = self._part_bank(features[VISIBLE]["pg"], keep_v).to(device)
+        self.instance_rp = self._part_bank(features[INFRARED]["pg"], keep_r).to(device)
         self.row_visible = torch.cumsum(keep_v.long(), 0) - 1
         self.row_infrared = torch.cumsum(keep_r.long(), 0) - 1
+
+    def _part_bank(self, pg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(Np, N_keep, d) float32: normalize(slice_p(pg_i)) of the kept rows, one part slice at a time (no copy of
+        the whole (N, (Np + 1) d) pg)."""
+        dim, rows = self.part_head.dim, torch.nonzero(keep).flatten()
+        bank = torch.empty(self.params.num_parts, rows.numel(), dim, dtype=torch.float32)
+        for part in range(self.params.num_parts):
+            bank[part] = F.normalize(pg[:, part * dim:(part + 1) * dim].index_select(0, rows).float(), dim=1)
+        return bank
 
     def shared_label_spaces(self):
         """Stage 2: the visible space (intra visible, cross infrared) and the infrared space (cross visible, intra
