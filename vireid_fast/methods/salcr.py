@@ -518,10 +518,12 @@ class SALCR(DCL):
         own_r = None if rows_r is None else self._own_rows(rows_r, 2, 3)
         total = 0.0
         for bank, rows_of in ((self.instance_v, own_v), (self.instance_r, own_r)):
-            mask = top_k_mask(gv, bank, p.k_instance) & top_k_mask(gr, bank, p.k_instance)
+            logits = self._instance_logits(x, bank, rows_of)
+            near = top_k_from_scores(logits, p.k_instance).view(3, s, -1)  # by view v, a, r
+            mask = near[0] & near[2]
             if p.gpcr_global_views == 3:
-                mask = mask & top_k_mask(ga, bank, p.k_instance)
-            per_row, valid = positive_set_terms(self._instance_logits(x, bank, rows_of), mask.repeat(3, 1))
+                mask = mask & near[1]
+            per_row, valid = positive_set_terms(logits, mask.repeat(3, 1))
             self._count_empty(valid)
             total = total + reduce_rows(per_row, valid, groups, p.loss_norm)
         return total
