@@ -644,6 +644,28 @@ def test_cluster_emptied_by_refinement_keeps_its_rows_and_is_never_sampled():
         assert not emptied & {int(labels[VISIBLE][i]) for i in vis[:1]}
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_cmfp_train_switch_runs_cmfp_on_non_outlier_globals_only(monkeypatch, on):
+    import vireid_fast.methods.salcr as module
+    from vireid_fast.modality import INFRARED, VISIBLE
+
+    seen = []
+    real = module.cmfp
+
+    def spy(fv, fr, k):
+        seen.append((fv.shape[0], fr.shape[0], k))
+        return real(fv, fr, k)
+
+    monkeypatch.setattr(module, "cmfp", spy)
+    method = make_method(f"method.cmfp_train={str(on).lower()}", "method.k_train=30", d=4)
+    torch.manual_seed(0)
+    feats = {VISIBLE: {"feature": F.normalize(torch.randn(7, 4), dim=1)},
+             INFRARED: {"feature": F.normalize(torch.randn(5, 4), dim=1)}}
+    raw = {VISIBLE: torch.tensor([0, 0, 1, -1, 1, 2, 2]), INFRARED: torch.tensor([1, 0, -1, 0, 1])}
+    method.associate(feats, raw)
+    assert seen == ([(6, 4, 4)] if on else [])  # outliers dropped; k clipped to min(N_v, N_r)
+
+
 def test_paper_preset_keys():
     paper = make_method(name="salcr_paper", d=3)
     p = paper.params
