@@ -666,6 +666,11 @@ def test_cmfp_train_switch_runs_cmfp_on_non_outlier_globals_only(monkeypatch, on
     assert seen == ([(6, 4, 4)] if on else [])  # outliers dropped; k clipped to min(N_v, N_r)
 
 
+def test_odd_pair_identities_is_refused():
+    with pytest.raises(ValueError, match="pair_identities must be even.*got 5"):
+        make_method("method.pair_identities=5", d=3)
+
+
 def test_paper_preset_keys():
     paper = make_method(name="salcr_paper", d=3)
     p = paper.params

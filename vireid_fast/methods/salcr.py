@@ -244,8 +244,12 @@ class SALCR(DCL):
     def __init__(self, params, context):
         super().__init__(params, context)
         p = params
+        if p.pair_identities % 2:
+            raise ValueError(f"method.pair_identities must be even (half the pseudo-labels of a stage-2 batch come "
+                             f"from each label space), got {p.pair_identities}; use {p.pair_identities + 1}")
         dim = context.encoder.feature_dim
         self.part_head = PartHead(dim, p.num_parts)
+        self.raw_labels = None
         if context.world > 1:
             # the head runs before the gather on each rank's share: average its gradients as DDP does the encoder's
             for param in self.part_head.parameters():
