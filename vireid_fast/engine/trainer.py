@@ -450,6 +450,10 @@ class Trainer:
             row["xmod/precision"], row["xmod/recall"] = precision, recall
         with self.timer("memory"):
             method.build_memories(features, labels)
+        for name, (space_v, space_r) in method.shared_label_spaces().items():
+            precision, recall = cross_modality_pair_precision_recall(truth[VISIBLE], space_v.numpy(),
+                                                                     truth[INFRARED], space_r.numpy())
+            row[f"xmod/{name}/precision"], row[f"xmod/{name}/recall"] = precision, recall
         del features
         for m in MODALITIES:
             self.train_sets[m].set_labels(labels[m].numpy())

@@ -1,27 +1,28 @@
 """Training methods as plug-ins of the engine (see :mod:`vireid_fast.methods.base`). Built in: ``dcl`` (ADCA's
 dual-contrastive baseline), ``pclhd`` / ``pclhd_official`` / ``pclhd_paper`` (PCLHD presets), ``hil`` / ``hil_paper``
-(HIL presets), ``swpcl`` (vireid_fast interpretation) and ``supervised`` (the ceiling: the same memory losses on true
-identities)."""
+(HIL presets), ``salcr`` / ``salcr_paper`` (SALCR presets), ``swpcl`` (vireid_fast interpretation) and ``supervised``
+(the ceiling: the same memory losses on true identities)."""
 
 from .base import (
-           METHODS,
-           Features,
-           Labels,
-           Method,
-           MethodContext,
-           TrainBatch,
-           cluster_means,
-           get_method,
-           register_method,
+    METHODS,
+    Features,
+    Labels,
+    Method,
+    MethodContext,
+    TrainBatch,
+    cluster_means,
+    get_method,
+    register_method,
 )
 from .clustering import count_clusters, jaccard_dbscan
 from .dcl import DCL
 from .hil import HIL, HILPaper
 from .pclhd import PCLHD, PCLHDOfficial, PCLHDPaper
+from .salcr import SALCR, SALCRPaper
 from .supervised import Supervised
 from .swpcl import SWPCL
 
 __all__ = ["DCL", "HIL", "HILPaper",
            "METHODS", "PCLHD", "PCLHDOfficial", "PCLHDPaper", "Features", "Labels", "Method", "MethodContext",
-           "SWPCL", "Supervised", "TrainBatch",
+           "SALCR", "SALCRPaper", "SWPCL", "Supervised", "TrainBatch",
            "cluster_means", "count_clusters", "get_method", "jaccard_dbscan", "register_method"]

@@ -212,6 +212,12 @@ class Method(nn.Module):
     def build_memories(self, features: Features, labels: Labels) -> None:
         """Initialise the epoch's memories from the features and labels (default: none)."""
 
+    def shared_label_spaces(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Extra cross-modality label spaces to report, by name: (visible (N_v,), infrared (N_r,)) int64 labels that
+        index one space (-1 = none), e.g. SALCR's visible space (intra visible, cross infrared). The engine reports
+        ``xmod/<name>/precision`` and ``/recall`` per epoch (reported only). Called after :meth:`build_memories`."""
+        return {}
+
     def batch_sampler(self, labels: Labels, epoch: int) -> dict[Modality, Iterable[list[int]]] | None:
         """Per modality a batch sampler (lists of dataset indices, ``train.iters`` batches; the engine zips the two);
         None skips training this epoch. Default: identity-balanced P x K batches per modality, P = min(P, clusters).

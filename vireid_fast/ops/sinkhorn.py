@@ -18,7 +18,7 @@ from ._checks import check_sinkhorn, finite, number
 from ._validation import FLOAT_DTYPES, check_int, check_same_device, check_same_width, check_tensor, tracing
 from .reference import sinkhorn_ref
 
-__all__ = ["SinkhornInfo", "ot_assign", "sinkhorn", "sinkhorn_ref"]
+__all__ = ["SinkhornInfo", "ot_assign", "sinkhorn", "sinkhorn_ref", "sinkhorn_reference_stop"]
 
 
 class SinkhornInfo(NamedTuple):
@@ -120,16 +120,27 @@ def squared_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def ot_assign(features: torch.Tensor, prototypes: torch.Tensor, lam: float, a: torch.Tensor | None = None,
-              b: torch.Tensor | None = None, *, max_iter: int = 1000, tol: float = 1e-6):
+              b: torch.Tensor | None = None, *, max_iter: int = 1000, tol: float = 1e-6, stop: str = "converged"):
     """Assign instances to prototypes by the argmax of an entropic OT plan (OTLA / SALCR DAGL semantics).
 
     Args:
         features: (N, d) instance features (the seeds pass L2-normalised ones).
         prototypes: (K, d) cluster centres of the other modality.
         lam: λ of the plan (SALCR: 5, MULT: 25).
+        stop: ``"converged"`` — the log-domain :func:`sinkhorn` op until the row-marginal L1 error is <= ``tol``;
+            ``"reference"`` — the seeds' stop rule (:func:`sinkhorn_reference_stop`: linear domain in the cost's
+            float dtype, uniform marginals, err = sum_c |beta_c / beta'_c - 1| checked on iterations 0, 10, 20, ...,
+            stop once err <= ``tol`` or after ``max_iter`` iterations; pass ``tol=0.1, max_iter=500`` for the
+            community values). ``a`` and ``b`` must be None with ``"reference"``.
     Returns:
-        labels (N,) int64 in [0, K), plan (N, K) with row sums ``a`` (default 1/N).
+        labels (N,) int64 in [0, K), plan (N, K) with row sums ``a`` (default 1/N; with ``"reference"``, the
+        unconverged plan as the seeds have it).
     """
+    if stop not in ("converged", "reference"):
+        raise ValueError(f"stop must be 'converged' or 'reference', got {stop!r}")
+    if stop == "reference" and (a is not None or b is not None):
+        raise ValueError("ot_assign(stop='reference') uses the seeds' uniform marginals; pass a=None and b=None "
+                         "(or stop='converged' for custom marginals)")
     check_tensor("features", features, dims=(2,), dtypes=FLOAT_DTYPES)
     check_tensor("prototypes", prototypes, dims=(2,), dtypes=FLOAT_DTYPES)
     check_same_width("features", features, "prototypes", prototypes)
@@ -142,5 +153,50 @@ def ot_assign(features: torch.Tensor, prototypes: torch.Tensor, lam: float, a: t
         raise ValueError(f"features and prototypes are too large for {cost.dtype}: their squared distances overflow "
                          f"(largest |entry| {big:.3g}); rescale them, e.g. L2-normalise (the seeds do), or pass "
                          "float64")
+    if stop == "reference":
+        plan, _ = sinkhorn_reference_stop(cost, lam, max_iter=max_iter, tol=tol)
+        return plan.argmax(dim=1), plan
     plan = _sinkhorn(cost, lam, a, b, max_iter, tol, False, warn_stacklevel=4)
     return plan.argmax(dim=1), plan
+
+
+def sinkhorn_reference_stop(cost: torch.Tensor, lam: float, *, max_iter: int = 500, tol: float = 0.1,
+                            check_every: int = 10) -> tuple[torch.Tensor, int]:
+    """The community Sinkhorn-Knopp with its stop rule (SALCR/MULT ``sinkhorn_solver``), on an (N, K) cost.
+
+    K = exp(-lam cost), a = 1/N, b = 1/K, beta = b; each iteration alpha = a / (K beta), beta' = b / (K^T alpha); on
+    iterations 0, check_every, 2 check_every, ... err = sum_c |beta_c / beta'_c - 1|; beta <- beta'; stop after the
+    first checked iteration with err <= tol (so after m check_every + 1 iterations), or after ``max_iter``.
+    Linear domain in cost's float dtype (float32 as the seeds; exp(-lam cost) must not underflow: the seeds' lam 5
+    on squared distances of unit-norm features is safe). Memory O(N K), no (N, N) matrix.
+
+    Returns:
+        plan (N, K) = diag(alpha) K diag(beta), iterations run.
+    """
+    check_tensor("cost", cost, dims=(2,), dtypes=FLOAT_DTYPES)
+    lam = number("lam", lam, positive=True)
+    check_int("max_iter", max_iter, 1)
+    check_int("check_every", check_every, 1)
+    tol = number("tol", tol, lower=0.0, allow_inf=True)
+    finite("cost", cost)
+    n, k = cost.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"cost must be non-empty (N, K), got {tuple(cost.shape)}")
+    kernel = torch.exp(-lam * cost)
+    if not tracing() and bool((kernel.sum(1) == 0).any() | (kernel.sum(0) == 0).any()):
+        raise ValueError(f"exp(-lam * cost) underflows to 0 on a whole row or column (lam={lam:g}, largest cost "
+                         f"{float(cost.max()):.3g}) in {cost.dtype}; lower lam or use stop='converged' (log domain)")
+    a, b = 1.0 / n, 1.0 / k
+    beta = torch.full((k,), b, dtype=cost.dtype, device=cost.device)
+    alpha = torch.full((n,), a, dtype=cost.dtype, device=cost.device)
+    step = 0
+    while step < max_iter:
+        alpha = a / (kernel @ beta)
+        beta_new = b / (kernel.T @ alpha)
+        check = step % check_every == 0
+        err = float((beta / beta_new - 1).abs().nansum()) if check else None
+        beta = beta_new
+        step += 1
+        if check and err <= tol:
+            break
+    return alpha[:, None] * kernel * beta[None, :], step
