@@ -189,3 +189,22 @@ def test_linked_labels_decide_the_cross_modality_pair_report(root, tmp_path, mon
     same = (truth["visible"][:, None] == truth["infrared"][None]).mean()
     assert row["xmod/precision"] == pytest.approx(float(same)) and row["xmod/recall"] == 1.0
     assert len(np.unique(trainer.labels["visible"].numpy())) > 1  # training labels untouched
+
+
+def test_a_methods_own_timed_phase_reaches_the_epoch_row(root, tmp_path, monkeypatch):
+    # A nested phase pauses its parent, so if the row kept only the engine's phases its seconds would be lost.
+    import time
+
+    from vireid_fast.methods import DCL
+
+    original = DCL.build_memories
+
+    def build_memories(self, features, labels):
+        with self.ctx.timed("own_phase"):
+            time.sleep(0.05)
+        return original(self, features, labels)
+
+    monkeypatch.setattr(DCL, "build_memories", build_memories)
+    trainer = Trainer(tiny_config(str(tmp_path / "run")), data_root=root, log=quiet, progress=False)
+    row = trainer.run_epoch(0)
+    assert row["time/own_phase"] >= 0.05 and row["time/memory"] < row["time/own_phase"] + 1.0

@@ -511,6 +511,8 @@ class Trainer:
         for k, v in self._values.items():
             row[f"value/{k}"] = float(np.mean(v))
         row.update({f"time/{phase}": self.timer.totals.get(phase, 0.0) for phase in PHASES if phase != "eval"})
+        # A method's own phases (nested ones pause their parent, so their seconds are nowhere else) are kept too.
+        row.update({f"time/{phase}": seconds for phase, seconds in self.timer.totals.items() if phase not in PHASES})
         return row
 
     def fit(self) -> dict:
