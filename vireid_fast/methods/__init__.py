@@ -1,6 +1,7 @@
 """Training methods as plug-ins of the engine (see :mod:`vireid_fast.methods.base`). Built in: ``dcl`` (ADCA's
 dual-contrastive baseline), ``pclhd`` / ``pclhd_official`` / ``pclhd_paper`` (PCLHD presets), ``swpcl`` (vireid_fast
-interpretation) and ``supervised`` (the ceiling: the same memory losses on true identities)."""
+interpretation), ``mult`` / ``mult_paper`` (MULT presets) and ``supervised`` (the ceiling: the same memory losses
+on true identities)."""
 
 from .base import (
            METHODS,
@@ -15,10 +16,12 @@ from .base import (
 )
 from .clustering import count_clusters, jaccard_dbscan
 from .dcl import DCL
+from .mult import MULT, MULTPaper
 from .pclhd import PCLHD, PCLHDOfficial, PCLHDPaper
 from .supervised import Supervised
 from .swpcl import SWPCL
 
-__all__ = ["DCL", "METHODS", "PCLHD", "PCLHDOfficial", "PCLHDPaper", "Features", "Labels", "Method", "MethodContext",
+__all__ = ["DCL", "METHODS", "MULT", "MULTPaper", "PCLHD", "PCLHDOfficial", "PCLHDPaper", "Features", "Labels",
+           "Method", "MethodContext",
            "SWPCL", "Supervised", "TrainBatch",
            "cluster_means", "count_clusters", "get_method", "jaccard_dbscan", "register_method"]
