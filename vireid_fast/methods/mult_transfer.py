@@ -9,12 +9,13 @@
   ``H_rv[j] = softmax_i(f_i - lam C_ij)``; the transfer only needs their products with N x K label matrices, done
   per block.
 * The homogeneous affinity is ``1 - D`` of the clustering's sparse Jaccard distance (self-loop 1), row-normalised, a
-  sparse CSR matrix; the paper's set Jaccard of the k-reciprocal sets is the option ``homog_affinity_kreciprocal``.
+  sparse matrix; the paper's set Jaccard of the k-reciprocal sets (Eq. 5) is :func:`kreciprocal_set_affinity`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,7 @@ class HeteroAffinity:
                 cost = self._cost(start, stop)
                 if self._cache is not None:
                     self._cache.append(cost)
-            yield start, stop, cost.double().mul_(-self.lam)
+            yield start, stop, cost.double() * -self.lam  # a new tensor: the cached block stays the cost
 
     def _row_lse(self, g: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.n, dtype=torch.float64, device=g.device)
@@ -209,7 +210,7 @@ def homogeneous_affinity(dist: SparseDistance) -> torch.Tensor:
 def kreciprocal_set_affinity(features: torch.Tensor, k: int = 30) -> torch.Tensor:
     """The paper's Eq. 5: S_ij = |R(i) ∩ R(j)| / |R(i) ∪ R(j)| of the k-reciprocal sets R(i) = {j in N(i, k):
     i in N(j, k)} (N(i, k): the k + 1 nearest rows by inner product, i included), row-normalised: (N, N) float32
-    sparse CSR (nnz bounded by N·(k + 1)^2; S_ii = 1). features: (N, d), L2-normalised."""
+    sparse (nnz bounded by N·(k + 1)^2; S_ii = 1). features: (N, d), L2-normalised."""
     n = features.shape[0]
     k = min(k, n - 1)
     _, rank = knn(features.float().contiguous(), k + 1)
@@ -220,7 +221,9 @@ def kreciprocal_set_affinity(features: torch.Tensor, k: int = 30) -> torch.Tenso
     sizes = torch.bincount(rows, minlength=n).double()
     incidence = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(rows.numel(), dtype=torch.float64),
                                         (n, n), check_invariants=True).coalesce()
-    inter = torch.sparse.mm(incidence, incidence.t()).coalesce()
+    with warnings.catch_warnings():  # torch's "sparse CSR is beta" notice, raised inside sparse.mm
+        warnings.simplefilter("ignore", UserWarning)
+        inter = torch.sparse.mm(incidence, incidence.t()).coalesce()
     i, j = inter.indices()
     common = inter.values()
     sim = common / (sizes[i] + sizes[j] - common)
