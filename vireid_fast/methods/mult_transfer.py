@@ -117,13 +117,14 @@ class HeteroAffinity:
         """
         if stop not in SINKHORN_STOPS:
             raise ValueError(f"stop must be one of {SINKHORN_STOPS}, got {stop!r}")
-        log_n, log_m = -math.log(self.n), -math.log(self.m)
+        log_m = -math.log(self.m)
+        lse_rows = None
         if stop == "community":
             g = torch.full((self.m,), log_m, dtype=torch.float64, device=self.x.device)
             step, err = 0, math.inf
             while err > tol and step < max_iter:
-                f = log_n - self._row_lse(g)
-                g_new = log_m - self._col_lse(f)
+                _, f, lse_cols = self._sweep(g)
+                g_new = log_m - lse_cols
                 if step % 10 == 0:
                     terms = torch.expm1(g - g_new).abs()
                     err = float(terms[torch.isfinite(terms)].sum())
@@ -131,24 +132,37 @@ class HeteroAffinity:
                 step += 1
         else:
             g = torch.zeros(self.m, dtype=torch.float64, device=self.x.device)
-            lse_rows = self._row_lse(g)
-            f = log_n - lse_rows
+            _, f, lse_cols = self._sweep(g)
             step, err = 0, math.inf
             while step < max_iter:
                 step += 1
-                g = log_m - self._col_lse(f)
-                lse_rows = self._row_lse(g)
+                g = log_m - lse_cols
+                lse_rows, f_next, lse_next = self._sweep(g)
                 err = float((torch.exp(f + lse_rows) - 1.0 / self.n).abs().sum())
                 if err <= tol or step == max_iter:
                     break
-                f = log_n - lse_rows
+                f, lse_cols = f_next, lse_next
         self.f, self.g, self.n_iter, self.err = f, g, step, err
-        self._lse_rows = self._lse_cols = None
+        # the column normaliser of the final f is the last g's denominator; the row one is known after a tol stop
+        self._lse_rows, self._lse_cols = lse_rows, lse_cols
         return self
+
+    def _sweep(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass over the cost blocks: lse_rows = LSE_j(g - λC), f = -log N - lse_rows, lse_cols = LSE_i(f - λC)
+        (a row block's f needs only g, so both half-steps of a Sinkhorn iteration share the pass)."""
+        log_n = -math.log(self.n)
+        lse_rows = torch.empty(self.n, dtype=torch.float64, device=g.device)
+        lse_cols = torch.full((self.m,), -math.inf, dtype=torch.float64, device=g.device)
+        for start, stop, neg in self.blocks():
+            lse_rows[start:stop] = torch.logsumexp(neg + g[None, :], dim=1)
+            f = log_n - lse_rows[start:stop]
+            lse_cols = torch.logaddexp(lse_cols, torch.logsumexp(neg.add_(f[:, None]), dim=0))
+        return lse_rows, log_n - lse_rows, lse_cols
 
     def _normalisers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._lse_rows is None:
             self._lse_rows = self._row_lse(self.g)
+        if self._lse_cols is None:
             self._lse_cols = self._col_lse(self.f)
         return self._lse_rows, self._lse_cols
 
