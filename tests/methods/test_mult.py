@@ -486,7 +486,7 @@ def test_paper_preset_keys():
 
 
 # ------------------------------------------------------------------------------------------ in the engine
-from tests.engine.tiny import tiny_config, tiny_root  # noqa: E402
+from tests.engine.tiny import kill_during_epoch, tiny_config, tiny_root  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -513,3 +513,27 @@ def test_trains_in_the_engine(tiny, tmp_path, name):
     if name == "mult":
         assert [len(t) for t in terms] == [14, 13]  # epoch 1 (odd) R-mode, epoch 2 (even) V-mode
     assert rows[1]["lp_iter/v_space"] >= 1 and rows[1]["ot_iter/instances"] >= 1
+
+
+def test_resumes_bit_exact_after_a_kill_in_stage_two(tiny, tmp_path, monkeypatch):
+    from vireid_fast.engine.trainer import Trainer
+
+    def quiet(*args, **kwargs):
+        pass
+
+    overrides = ("method.name=mult", "method.stage_one_epochs=1", "eval.eval_untrained=false", "cluster.eps=0.8",
+                 "train.epochs=3")
+    full = Trainer(tiny_config(str(tmp_path / "full"), *overrides), data_root=tiny, log=quiet, progress=False)
+    full.fit()
+    killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
+    kill_during_epoch(killed, 2, monkeypatch)
+    torch.manual_seed(999)
+    resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
+                      resume=True)
+    resumed.fit()
+    for a, b in ((full.encoder, resumed.encoder), (full.method, resumed.method)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            if isinstance(sa[key], torch.Tensor):
+                assert torch.equal(sa[key], sb[key]), key

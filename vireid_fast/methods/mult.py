@@ -214,7 +214,8 @@ class MULT(Method):
             self.register_buffer(name, None)
         self.epoch, self.stage, self.mode = 0, 1, "V"
         self.db_labels: dict | None = None
-        self.generator = torch.Generator().manual_seed(int(context.seed) * 1_000_003 + 29)
+        # stage-2 batches; each process draws its own (the engine gathers the global batch)
+        self.generator = torch.Generator().manual_seed(int(context.seed) * 1_000_003 + 29 + 7919 * int(context.rank))
         self._info: dict[str, float] = {}
 
     def get_extra_state(self):
