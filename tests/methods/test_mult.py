@@ -537,3 +537,33 @@ def test_resumes_bit_exact_after_a_kill_in_stage_two(tiny, tmp_path, monkeypatch
         for key in sa:
             if isinstance(sa[key], torch.Tensor):
                 assert torch.equal(sa[key], sb[key]), key
+
+
+def test_two_bn_groups_follow_the_dataparallel_split():
+    import copy
+
+    method = make_method("method.bn_groups=2")
+    model = method.ctx.model
+    model.train()
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    vis_img = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8, generator=g)
+    ir_img = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8, generator=g)
+    batch = TrainBatch(vis_img, torch.zeros(4, dtype=torch.long), torch.arange(4), ir_img,
+                       torch.zeros(4, dtype=torch.long), torch.arange(4))
+    feats = method.encode(batch)
+    aug = method.ctx.augment
+    x_vis, x_aug, x_ir = aug["train"](vis_img), aug["channel"](vis_img), aug["train"](ir_img)
+    mod = torch.tensor([0] * 4 + [1] * 2)
+    second = copy.deepcopy(reference)
+    out_a = reference(torch.cat([x_vis, x_ir[:2]]), mod)
+    out_b = second(torch.cat([x_aug, x_ir[2:]]), mod)
+    torch.testing.assert_close(feats["vis"], out_a[:4])
+    torch.testing.assert_close(feats["aug"], out_b[:4])
+    torch.testing.assert_close(feats["ir"], torch.cat([out_a[4:], out_b[4:]]))
+    for key, value in reference.state_dict().items():  # running statistics of the first group only
+        torch.testing.assert_close(model.state_dict()[key], value)
+    one = make_method()
+    one.ctx.model.train()
+    joint = one.encode(batch)
+    assert not torch.allclose(joint["vis"], feats["vis"])  # one group: statistics over all 12 images

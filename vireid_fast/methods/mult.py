@@ -203,6 +203,10 @@ class MULT(Method):
         memory_grad: str = spec("live", choices=("live", "snapshot"),
                                 help="input gradient with the memory as updated by later calls (code, Q10) or "
                                      "the start-of-iteration memory")
+        bn_groups: int = spec(1, min=1, max=2,
+                              help="2: BatchNorm over two halves of the batch as the official 2-GPU DataParallel "
+                                   "run ([vis ; ir first half], [aug ; ir second half]), running statistics from "
+                                   "the first (Q9); needs visible_streams 2")
         use_im: bool = spec(True, help="ablation: the intra (M̃) and intra-cross (M̂) terms")
         use_cm: bool = spec(True, help="ablation: the cross-memory terms on M^a")
         use_oclr: bool = spec(True, help="ablation: the OCLR terms")
@@ -309,12 +313,38 @@ class MULT(Method):
             views.append(ctx.augment["channel"](batch.visible_images))
         views.append(ctx.augment["train"](batch.infrared_images))
         sizes = [v.shape[0] for v in views]
-        modality = torch.cat([torch.full((s,), int(i == len(views) - 1), dtype=torch.long)
-                              for i, s in enumerate(sizes)]).to(views[0].device)
-        with ctx.autocast():
-            feats = ctx.model(torch.cat(views), modality).float()
         names = ("vis", "aug", "ir") if len(views) == 3 else ("vis", "ir")
-        return {name: ctx.gather(part) for name, part in zip(names, feats.split(sizes), strict=True)}
+        if self.params.bn_groups == 2 and len(views) == 3:
+            parts = self._two_bn_groups(*views)
+        else:
+            modality = torch.cat([torch.full((s,), int(i == len(views) - 1), dtype=torch.long)
+                                  for i, s in enumerate(sizes)]).to(views[0].device)
+            with ctx.autocast():
+                parts = ctx.model(torch.cat(views), modality).float().split(sizes)
+        return {name: ctx.gather(part) for name, part in zip(names, parts, strict=True)}
+
+    def _two_bn_groups(self, x_vis, x_aug, x_ir):
+        """The official two-GPU DataParallel split (Q9): forward [vis ; first half of ir] and [aug ; second half of
+        ir] separately (BatchNorm statistics per group); the running statistics keep only the first group's update
+        (the replica on GPU 0). Returns (vis, aug, ir) float32 features."""
+        ctx = self.ctx
+        half = (x_ir.shape[0] + 1) // 2
+        groups = ((x_vis, x_ir[:half]), (x_aug, x_ir[half:]))
+        feats, kept = [], None
+        for g, (vis, ir) in enumerate(groups):
+            modality = torch.cat([torch.zeros(vis.shape[0], dtype=torch.long),
+                                  torch.ones(ir.shape[0], dtype=torch.long)]).to(vis.device)
+            with ctx.autocast():
+                feats.append(ctx.model(torch.cat([vis, ir]), modality).float())
+            if g == 0:
+                kept = {k: v.clone() for k, v in ctx.encoder.state_dict().items()
+                        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+        with torch.no_grad():
+            state = ctx.encoder.state_dict()
+            for k, v in kept.items():
+                state[k].copy_(v)
+        nv = x_vis.shape[0]
+        return feats[0][:nv], feats[1][:nv], torch.cat([feats[0][nv:], feats[1][nv:]])
 
     def stage_one_losses(self, feats, y_vis, y_ir):
         p = self.params
