@@ -475,6 +475,20 @@ def test_stage_one_is_dcl_on_dbscan_labels():
     losses = method.training_step(TrainBatch(images, yv, torch.arange(4), images, torch.tensor([0, 1, 1, 0]),
                                              torch.arange(4)))
     assert set(losses) == {"visible", "augmented", "infrared"}
+    paper = make_method("method.stage_one_epochs=5", name="mult_paper")
+    prepared(paper, 0)
+    losses = paper.training_step(TrainBatch(images, yv, torch.arange(4), images, torch.tensor([0, 1, 1, 0]),
+                                            torch.arange(4)))
+    assert set(losses) == {"visible", "augmented", "infrared"}  # one visible stream is a stage-2 switch (Q7)
+    vis_only = {"vis": torch.randn(4, 16), "ir": torch.randn(4, 16)}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            method.stage_one_losses({**vis_only, "aug": vis_only["vis"]}, yv, torch.tensor([0, 1, 1, 0]))["visible"],
+            literal_memory_ce(vis_only["vis"][:3], yv[:3], method.memory_v))
+
+
+def literal_memory_ce(f, y, memory, temp=0.05):
+    return F.cross_entropy(F.normalize(f, dim=1) @ memory.t() / temp, y)
 
 
 def test_paper_preset_keys():

@@ -305,11 +305,11 @@ class MULT(Method):
 
     # ----------------------------------------------------------------------------------------------- per iteration
     def encode(self, batch):
-        """{"vis", "aug", "ir"} (B, D) float32 training features (one forward; "aug" only with two visible
-        streams), gathered over processes."""
+        """{"vis", "aug", "ir"} (B, D) float32 training features (one forward; "aug" in stage 1 — DCL's three
+        terms — and in stage 2 with two visible streams), gathered over processes."""
         ctx = self.ctx
         views = [ctx.augment["train"](batch.visible_images)]
-        if self.params.visible_streams == 2:
+        if self.params.visible_streams == 2 or self.stage == 1:
             views.append(ctx.augment["channel"](batch.visible_images))
         views.append(ctx.augment["train"](batch.infrared_images))
         sizes = [v.shape[0] for v in views]
@@ -351,8 +351,6 @@ class MULT(Method):
         out = {}
         for name, key, memory, labels in (("visible", "vis", self.memory_v, y_vis), ("augmented", "aug",
                                            self.memory_v, y_vis), ("infrared", "ir", self.memory_r, y_ir)):
-            if key not in feats:
-                continue
             keep = labels >= 0
             if bool(keep.any()):
                 out[name] = memory_contrastive(feats[key][keep], labels[keep], memory, temp=p.temp,
