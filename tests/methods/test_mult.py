@@ -92,6 +92,20 @@ def test_tol_stop_is_the_project_sinkhorn():
     torch.testing.assert_close(dense_plan(ot, cost), plan, rtol=1e-6, atol=1e-12)
 
 
+@pytest.mark.parametrize("lam", [25.0, 2000.0])
+def test_one_exponential_sweep_equals_the_two_log_sum_exps(lam):
+    # lam = 2000: exp(-lam * gap) underflows in the row softmax for the far column, so the sweep falls back
+    x = torch.tensor([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1]], dtype=torch.float64)
+    y = torch.tensor([[0.0, 0.05], [1.0, 1.0]], dtype=torch.float64)
+    ot = HeteroAffinity(x, y, lam)
+    g = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    lse_rows, f, lse_cols = ot._sweep(g)
+    torch.testing.assert_close(lse_rows, ot._row_lse(g), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(f, -math.log(3) - ot._row_lse(g), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse_cols, ot._col_lse(f), rtol=1e-12, atol=1e-12)
+    assert bool(torch.isfinite(lse_cols).all())
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_affinities_are_row_softmaxes_of_the_plan(cache):
     fv, fr = clustered(23, 4), clustered(17, 4, seed=1)

@@ -149,15 +149,25 @@ class HeteroAffinity:
 
     def _sweep(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass over the cost blocks: lse_rows = LSE_j(g - λC), f = -log N - lse_rows, lse_cols = LSE_i(f - λC)
-        (a row block's f needs only g, so both half-steps of a Sinkhorn iteration share the pass)."""
+        (a row block's f needs only g, so both half-steps of a Sinkhorn iteration share the pass).
+
+        One exponential per entry: with P_ij = exp(g_j - λC_ij - lse_rows_i) (the row softmax),
+        Σ_i exp(f_i - λC_ij) = exp(-g_j) / N · Σ_i P_ij. Where a column's Σ_i P_ij underflows (a column far from
+        every row while g is far from converged) the column sums are redone as log-sum-exps."""
         log_n = -math.log(self.n)
         lse_rows = torch.empty(self.n, dtype=torch.float64, device=g.device)
-        lse_cols = torch.full((self.m,), -math.inf, dtype=torch.float64, device=g.device)
+        col_sums = torch.zeros(self.m, dtype=torch.float64, device=g.device)
         for start, stop, neg in self.blocks():
-            lse_rows[start:stop] = torch.logsumexp(neg + g[None, :], dim=1)
-            f = log_n - lse_rows[start:stop]
-            lse_cols = torch.logaddexp(lse_cols, torch.logsumexp(neg.add_(f[:, None]), dim=0))
-        return lse_rows, log_n - lse_rows, lse_cols
+            x = neg.add_(g[None, :])
+            peak = x.amax(dim=1, keepdim=True)
+            x = x.sub_(peak).exp_()
+            sums = x.sum(dim=1, keepdim=True)
+            lse_rows[start:stop] = (peak + sums.log()).squeeze(1)
+            col_sums += x.div_(sums).sum(dim=0)
+        f = log_n - lse_rows
+        if bool((col_sums < 1e-290).any()):
+            return lse_rows, f, self._col_lse(f)
+        return lse_rows, f, col_sums.log_() - g + log_n
 
     def _normalisers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._lse_rows is None:
