@@ -393,6 +393,15 @@ def test_memories_are_the_dbscan_centroids_and_every_instance_is_labelled():
     assert torch.equal(method.hard_v, method.soft_v.argmax(1))
 
 
+def test_stage_two_without_clusters_in_one_modality_skips_the_epoch():
+    method = make_method("cluster.eps=0.01")
+    logged = []
+    method.ctx.log = lambda msg, *a, **k: logged.append(msg)
+    feats, labels = prepared(method, 2)
+    assert bool((labels["visible"] < 0).all())
+    assert method.batch_sampler(labels, 2) is None and "no visible" in logged[-1] and "cluster.eps" in logged[-1]
+
+
 def run_step(method, memory_grad_check=True):
     """One stage-2 step on random features standing for the three streams; returns features, losses, memories before."""
     g = torch.Generator().manual_seed(7)

@@ -218,6 +218,7 @@ class MULT(Method):
             self.register_buffer(name, None)
         self.epoch, self.stage, self.mode = 0, 1, "V"
         self.db_labels: dict | None = None
+        self._no_clusters: list[str] = []
         # stage-2 batches; each process draws its own (the engine gathers the global batch)
         self.generator = torch.Generator().manual_seed(int(context.seed) * 1_000_003 + 29 + 7919 * int(context.rank))
         self._info: dict[str, float] = {}
@@ -251,7 +252,8 @@ class MULT(Method):
                 dist[m] = kreciprocal_jaccard(feats[m], k1=k1, k2=min(c.k2, k1), sparse=True)
                 labels[m] = dbscan(dist[m], c.eps, c.min_samples).cpu()
         self.db_labels = labels
-        if self.stage == 1:
+        self._no_clusters = [str(m) for m in MODALITIES if not bool((labels[m] >= 0).any())]
+        if self.stage == 1 or self._no_clusters:
             return labels
         with self.ctx.timed("associate"):
             if p.homog_affinity == "soft_jaccard":
@@ -289,6 +291,10 @@ class MULT(Method):
     def batch_sampler(self, labels, epoch):
         if self.stage == 1:
             return super().batch_sampler(labels, epoch)
+        if self._no_clusters:
+            self.ctx.log(f"epoch {epoch + 1}: no {' / '.join(self._no_clusters)} clusters (all outliers), so no label "
+                         "transfer; skipping training this epoch — raise cluster.eps or lower cluster.min_samples")
+            return None
         t = self.ctx.config.train
         batches = mult_batches({"V": self.hard_v.cpu(), "R": self.hardx_v.cpu()},
                                {"V": self.hardx_r.cpu(), "R": self.hard_r.cpu()},
