@@ -196,7 +196,8 @@ class HeteroAffinity:
         lse_rows, _ = self._normalisers()
         out = torch.empty(self.n, labels.shape[1], dtype=torch.float32, device=labels.device)
         for start, stop, neg in self.blocks():
-            weights = torch.exp(neg + self.g[None, :] - lse_rows[start:stop, None]).float()
+            # the exponent in float64 (potentials and costs cancel), the weights in float32 like the products
+            weights = neg.add_(self.g[None, :]).sub_(lse_rows[start:stop, None]).float().exp_()
             out[start:stop] = weights @ labels.float()
         return out
 
@@ -205,7 +206,7 @@ class HeteroAffinity:
         _, lse_cols = self._normalisers()
         out = torch.zeros(self.m, labels.shape[1], dtype=torch.float32, device=labels.device)
         for start, stop, neg in self.blocks():
-            weights = torch.exp(neg + self.f[start:stop, None] - lse_cols[None, :]).float()
+            weights = neg.add_(self.f[start:stop, None]).sub_(lse_cols[None, :]).float().exp_()
             out += weights.t() @ labels[start:stop].float()
         return out
 
