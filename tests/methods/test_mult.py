@@ -450,7 +450,7 @@ def literal_step(method, feats, idx_v, idx_r, before, snapshot=False):
         fd = f.detach().clone().requires_grad_()
         F.normalize(fd, dim=1).backward(grad_xhat[s])
         grads[s] = fd.grad
-    return float(total), grads, memories
+    return float(total.detach()), grads, memories
 
 
 @pytest.mark.parametrize("epoch", [2, 3])
