@@ -167,3 +167,25 @@ def test_skip_bad_images_drops_and_counts_them(root, tmp_path, capsys):
     assert len(trainer.test_set.gallery) == len(reference.test_set.gallery)
     summary = trainer.fit()
     assert math.isfinite(summary["trained"]["mAP"])
+
+
+def test_linked_labels_decide_the_cross_modality_pair_report(root, tmp_path, monkeypatch):
+    # DCL links nothing (two label spaces): no xmod entries. A method whose linked_labels put every image of both
+    # modalities in one cluster gets precision = share of same-identity pairs and recall 1 — computed on the linked
+    # labels, not on the training labels.
+    import numpy as np
+
+    from vireid_fast.methods import DCL
+
+    trainer = Trainer(tiny_config(str(tmp_path / "a")), data_root=root, log=quiet, progress=False)
+    row = {}
+    trainer.prepare_epoch(0, row)
+    assert "xmod/precision" not in row
+    monkeypatch.setattr(DCL, "linked_labels", lambda self, labels: {m: torch.zeros_like(v) for m, v in labels.items()})
+    trainer = Trainer(tiny_config(str(tmp_path / "b")), data_root=root, log=quiet, progress=False)
+    row = {}
+    trainer.prepare_epoch(0, row)
+    truth = trainer.ground_truth()
+    same = (truth["visible"][:, None] == truth["infrared"][None]).mean()
+    assert row["xmod/precision"] == pytest.approx(float(same)) and row["xmod/recall"] == 1.0
+    assert len(np.unique(trainer.labels["visible"].numpy())) > 1  # training labels untouched

@@ -25,6 +25,7 @@ def make_context(model, config=None, truth=None, **overrides) -> MethodContext:
         timed=lambda phase: contextlib.nullcontext(),
         backward_step=lambda loss: loss.backward(),
         ground_truth=lambda: {m: np.asarray(t) for m, t in (truth or {}).items()},
+        restart_optimizer=lambda: None,
     )
     fields.update(overrides)
     context = MethodContext(**fields)

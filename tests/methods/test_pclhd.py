@@ -378,6 +378,16 @@ def test_second_optimiser_step_and_all_modality_terms():
     assert {"step_a/infrared", "step_a/visible", "step_a/cross", "dpcl"} <= set(method.ctx.logged_values)
 
 
+def test_stage2_restarts_the_optimiser_once_unless_switched_off():
+    for restart in (True, False):
+        method, _, _ = make_method(f"method.restart_optimizer={str(restart).lower()}")
+        calls = []
+        method.ctx.restart_optimizer = lambda calls=calls, method=method: calls.append(method.epoch)
+        for epoch in range(4):
+            method.start_epoch(epoch)
+        assert calls == ([2] if restart else [])
+
+
 def test_stage_switch_copies_online_into_ema():
     method, feats, _ = make_method()
     with torch.no_grad():
@@ -476,11 +486,14 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     def quiet(*args, **kwargs):
         pass
 
-    overrides = (f"method.name={name}", *ENGINE, "train.epochs=3")
+    overrides = (f"method.name={name}", *ENGINE, "train.epochs=3", "train.step_size=1", "train.gamma=0.5")
     full = Trainer(tiny_config(str(tmp_path / "full"), *overrides), data_root=tiny, log=quiet, progress=False)
+    lr = full.config.train.lr
     full.fit()
     rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert [r["stage"] for r in rows if "stage" in r] == [1.0, 2.0, 2.0]
+    # stage 2 restarts Adam and the schedule (halved every epoch here): lr, then lr again, then lr / 2
+    assert [r["lr"] for r in rows if "stage" in r] == pytest.approx([lr, lr, lr / 2])
     assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
     if name == "pclhd":  # stage 2 ran its second optimiser step on the all-modality clusters
         assert "loss/all_visible" in rows[-1] and "value/step_a/cross" in rows[-1] and "value/dpcl" in rows[-1]
@@ -499,3 +512,18 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     if full.ema is not None:
         for key, value in full.ema.module.state_dict().items():
             assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+
+
+def test_linked_labels_map_infrared_clusters_through_the_pgm_match():
+    # Reporting only: stage 1 links nothing; in stage 2 every infrared cluster takes the visible cluster PGM matched
+    # it to, so the engine's cross-modality pair precision/recall scores the association.
+    method, feats, _ = make_method("method.all_modality_branch=false")
+    labels = prepare(method, feats, 0)
+    assert method.linked_labels(labels) is None
+    labels = prepare(method, feats, 2)
+    linked = method.linked_labels(labels)
+    assert torch.equal(linked["visible"], labels["visible"])
+    table = method.match.infrared_to_visible
+    expect = torch.tensor([int(table[y]) if y >= 0 else -1 for y in labels["infrared"].tolist()])
+    assert torch.equal(linked["infrared"], expect)
+    assert (linked["infrared"] >= 0).any() and not torch.equal(linked["infrared"], labels["infrared"])

@@ -204,7 +204,8 @@ class Trainer:
             augment={"train": self.augment, "channel": self.augment_channel}, autocast=self.autocast,
             gather=self.gather, extract=self.extract_training_sets, log=self.log, log_value=self._log_value,
             timed=self.timer, backward_step=self.backward_step, ground_truth=self.ground_truth,
-            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed)
+            images=self.training_images, rank=self.rank, world=self.world, seed=self.config.experiment.seed,
+            restart_optimizer=self._setup_optimizer)
         self.method = get_method(self.config.method.name)(self.config.method, self.context).to(self.device)
         wants_ema = self.method.uses_ema or self.config.model.use_ema
         self.ema = (EMAEncoder(self.encoder, self.config.model.ema_beta, copy_buffers=self.method.ema_copies_buffers)
@@ -439,9 +440,10 @@ class Trainer:
             row[f"outliers/{m}"] = int((lab < 0).sum())
             row[f"ari/{m}"] = adjusted_rand_index(truth[m], lab)
             row[f"nmi/{m}"] = normalized_mutual_info(truth[m], lab)
-        if method.shared_label_space:
-            precision, recall = cross_modality_pair_precision_recall(truth[VISIBLE], labels[VISIBLE].numpy(),
-                                                                     truth[INFRARED], labels[INFRARED].numpy())
+        linked = method.linked_labels(labels)
+        if linked is not None:
+            precision, recall = cross_modality_pair_precision_recall(
+                truth[VISIBLE], linked[VISIBLE].cpu().numpy(), truth[INFRARED], linked[INFRARED].cpu().numpy())
             row["xmod/precision"], row["xmod/recall"] = precision, recall
         with self.timer("memory"):
             method.build_memories(features, labels)
@@ -474,8 +476,8 @@ class Trainer:
         cfg = self.config
         self.timer.totals = {}
         self._values = {}
+        self.method.start_epoch(epoch)  # first: it may restart the optimiser (the row reports the lr trained with)
         row: dict = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        self.method.start_epoch(epoch)
         samplers = self.prepare_epoch(epoch, row)
         sums: dict[str, float] = {}
         with self.timer("train"):

@@ -109,7 +109,9 @@ class MethodContext:
     its wall time to ``time/<phase>`` of the epoch (nested phases are not double-counted); backward_step(loss):
     backward and an optimiser step now (for methods that step more than once per iteration); images(modality,
     indices): uint8 (B, 3, H, W) training images on the device (for batches a method draws itself, e.g. from a second
-    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them.
+    sampler); ground_truth(): true identities per modality — only the supervised ceiling may read them;
+    restart_optimizer(): a fresh Adam and learning-rate schedule from ``train.lr`` (call it from ``start_epoch``, e.g.
+    when a new training stage begins; the schedule then counts epochs from there).
     """
 
     model: nn.Module
@@ -130,6 +132,7 @@ class MethodContext:
     world: int = 1
     seed: int = 0
     ema: nn.Module | None = field(default=None)
+    restart_optimizer: Callable[[], None] | None = None
 
 
 class Method(nn.Module):
@@ -188,6 +191,13 @@ class Method(nn.Module):
         """Per-modality cluster labels -> the labels to train with (default: unchanged, two label spaces)."""
         del features
         return labels
+
+    def linked_labels(self, labels: Labels) -> Labels | None:
+        """The epoch's labels with the two modalities in one label space, for reporting only: the engine scores the
+        cross-modality pseudo-label precision/recall of the association on them. Default: ``labels`` when
+        ``shared_label_space``, else None (nothing links the modalities); a method that matches clusters across
+        modalities without relabelling (PCLHD's PGM) maps one modality's labels onto the other's here."""
+        return labels if self.shared_label_space else None
 
     def build_memories(self, features: Features, labels: Labels) -> None:
         """Initialise the epoch's memories from the features and labels (default: none)."""

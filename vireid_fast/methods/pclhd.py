@@ -95,6 +95,8 @@ class PCLHD(Method):
                                   help="paper lambda: lambda HPCL + (1 - lambda) DPCL (stage2_loss: paper)")
         hard_k: int = spec(1, min=1, max=16, help="hard samples merged into one hard prototype (paper Fig. 2b)")
         stage1_epochs: int = spec(50, min=0, help="E_CPCL: global epochs of stage 1")
+        restart_optimizer: bool = spec(True, help="a fresh Adam and StepLR at stage 2, as the official two runs "
+                                                  "(false: one schedule over both stages)")
         stage1_loss: str = spec("hybrid", choices=("hybrid", "cpcl"),
                                 help="stage-1 loss: code hybrid H (Q2) or the paper's centroid CE")
         stage2_loss: str = spec("hybrid", choices=("hybrid", "paper"),
@@ -186,6 +188,8 @@ class PCLHD(Method):
         self.epoch = epoch
         self.stage = 1 if epoch < p.stage1_epochs else 2
         self._epoch_info = {"stage": float(self.stage)}
+        if p.progressive and p.restart_optimizer and epoch == p.stage1_epochs > 0:
+            self.ctx.restart_optimizer()
         if self.uses_ema and epoch == self.ema_start and self.ctx.ema is not None:
             # stage 2 starts phi_m from the stage-1 model (parameters and BatchNorm statistics)
             self.ctx.ema.module.load_state_dict(self.ctx.encoder.state_dict())
@@ -227,6 +231,13 @@ class PCLHD(Method):
             self._epoch_info.update({"pgm/swapped": float(self.match.swapped),
                                      "pgm/fallback": float(self.match.fallback)})
         return labels
+
+    def linked_labels(self, labels):
+        # Each infrared cluster takes the visible cluster PGM matched it to (-1 when unmatched): the engine then
+        # reports how many same-identity visible-infrared pairs the matching links (stage 2 with the cross term).
+        if self.match is None:
+            return None
+        return {VISIBLE: labels[VISIBLE], INFRARED: self.match.map_labels(labels[INFRARED], "infrared")}
 
     def build_memories(self, features, labels):
         self.build_intra_memories(features, labels)
