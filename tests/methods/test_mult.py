@@ -387,6 +387,8 @@ def test_memories_are_the_dbscan_centroids_and_every_instance_is_labelled():
                     ("memory_r", "infrared"), ("memory_ra", "infrared"), ("memory_vcm", "infrared")):
         want = F.normalize(raw_centroids(feats[m]["feature"], db[m]), dim=1)
         torch.testing.assert_close(getattr(method, name), want)
+    linked = method.linked_labels(labels)
+    assert torch.equal(linked["visible"], method.hard_v) and torch.equal(linked["infrared"], method.hardx_r)
     assert method.soft_v.shape == (36, int(db["visible"].max()) + 1)
     assert method.softx_r.shape == (30, int(db["visible"].max()) + 1)
     torch.testing.assert_close(method.soft_v.sum(1), torch.ones(36))
@@ -492,6 +494,7 @@ def test_stage_one_is_dcl_on_dbscan_labels():
     method = make_method("method.stage_one_epochs=5")
     feats, labels = prepared(method, 0)
     assert method.stage == 1 and torch.equal(labels["visible"], method.db_labels["visible"])
+    assert method.linked_labels(labels) is None
     assert method.memory_va is None
     images = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8)
     yv = torch.tensor([0, 0, 1, -1])
@@ -550,6 +553,7 @@ def test_trains_in_the_engine(tiny, tmp_path, name):
     if name == "mult":
         assert [len(t) for t in terms] == [14, 13]  # epoch 1 (odd) R-mode, epoch 2 (even) V-mode
     assert rows[1]["lp_iter/v_space"] >= 1 and rows[1]["ot_iter/instances"] >= 1
+    assert "xmod/precision" not in rows[0] and 0.0 <= rows[1]["xmod/precision"] <= 1.0  # the transfer's pairs
 
 
 def test_resumes_bit_exact_after_a_kill_in_stage_two(tiny, tmp_path, monkeypatch):
