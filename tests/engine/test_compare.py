@@ -40,6 +40,20 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
     assert "— (two label spaces)" in text
 
 
+def test_association_columns_and_a_methods_own_phases():
+    # main space -> "p / r"; only named spaces (SALCR) -> one "name: p / r" per space; own phases -> "other"
+    main, named = _rows(10.0, 0.5, 0.6), _rows(10.0, 0.5, 0.6)
+    main[-1].update({"xmod/precision": 0.25, "xmod/recall": 0.5})
+    named[-1].update({"xmod/visible_space/precision": 0.1, "xmod/visible_space/recall": 0.2,
+                      "xmod/infrared_space/precision": 0.3, "xmod/infrared_space/recall": 0.4, "time/cluster_all": 5.0})
+    table = aggregate({"a": {0: summarise_run(main)}, "b": {0: summarise_run(named)}})
+    text = render_markdown(table, "ctx")
+    assert "| 0.250 ± 0.000 / 0.500 ± 0.000 |" in text
+    assert ("infrared_space: 0.300 ± 0.000 / 0.400 ± 0.000; visible_space: 0.100 ± 0.000 / 0.200 ± 0.000 |"
+            in text)
+    assert table["b"]["time"]["other"] == 2.5 and table["a"]["time"]["other"] == 0.0
+
+
 def test_plan_runs_shares_the_budget_and_takes_each_methods_section(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"train": {"epochs": 7}, "method": {"name": "dcl", "temp": 0.07}}))

@@ -121,10 +121,11 @@ def summarise_run(rows: list[dict]) -> dict:
     out = {"epochs": len(epochs), "trained": {k: evaluated[-1][k] for k in RETRIEVAL},
            "untrained": {k: untrained[-1][k] for k in RETRIEVAL} if untrained else None}
     for tag, row in (("first", epochs[0]), ("last", epochs[-1])):
-        for key in ("ari/visible", "ari/infrared", "xmod/precision", "xmod/recall", "clusters/visible",
-                    "clusters/infrared"):
+        for key in ("ari/visible", "ari/infrared", "clusters/visible", "clusters/infrared"):
             if key in row:
                 out[f"{tag}/{key}"] = row[key]
+        # the association's pair precision/recall: the main space and any named ones (xmod/<space>/precision)
+        out.update({f"{tag}/{key}": value for key, value in row.items() if key.startswith("xmod/")})
     times = {}
     for phase in PHASES:
         source = evaluated if phase == "eval" else epochs
@@ -181,8 +182,15 @@ def render_markdown(table: dict[str, dict], context: str) -> str:
         if untrained_row is None and "untrained/mAP" in e:
             untrained_row = (f"| untrained start (before any method) | {_fmt(e['untrained/rank1'])} | "
                              f"{_fmt(e['untrained/mAP'])} | {_fmt(e['untrained/mINP'])} | | | |")
-        xmod = (f"{_fmt(e['last/xmod/precision'], 3)} / {_fmt(e['last/xmod/recall'], 3)}"
-                if "last/xmod/precision" in e else "— (two label spaces)")
+        named = sorted(k[len("last/xmod/"):-len("/precision")] for k in e
+                       if k.startswith("last/xmod/") and k.endswith("/precision") and k.count("/") == 3)
+        if "last/xmod/precision" in e:
+            xmod = f"{_fmt(e['last/xmod/precision'], 3)} / {_fmt(e['last/xmod/recall'], 3)}"
+        elif named:
+            xmod = "; ".join(f"{name}: {_fmt(e[f'last/xmod/{name}/precision'], 3)} / "
+                             f"{_fmt(e[f'last/xmod/{name}/recall'], 3)}" for name in named)
+        else:
+            xmod = "— (two label spaces)"
         lines.append(f"| {method} | {_fmt(e['rank1'])} | {_fmt(e['mAP'])} | {_fmt(e['mINP'])} | "
                      f"{_fmt(e.get('first/ari/visible', (math.nan, 0)), 3)} → "
                      f"{_fmt(e.get('last/ari/visible', (math.nan, 0)), 3)} | "
