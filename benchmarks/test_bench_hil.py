@@ -1,6 +1,6 @@
 """HIL per-epoch steps outside the network at SYSU-MM01 size, with peak memory.
 
-Identity-structured random features (:func:`benchmarks.test_bench_pclhd.identity_features`: 395 identities,
+Identity-structured random features (:func:`benchmarks.epoch_steps.identity_features`: 395 identities,
 N_v = 22,258 visible and N_r = 11,909 infrared rows of d = 2,048; the deep f and the shallow g are two independent
 draws, scaled by 45 ≈ √D like un-normalised BNNeck outputs), labels = the identities present in both modalities
 (as BRST's unified clusters). Steps, each in its own subprocess (this file run as a script) so its peak RSS is its own:
@@ -19,28 +19,21 @@ Run: ``.venv/bin/python -m pytest benchmarks/test_bench_hil.py --benchmark-only 
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 import pytest
 
-NV, NR, DIM = 22258, 11909, 2048
+from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_step, worker_main
+
 SCALE_RAW = 45.0
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _worker(step: str, nv: int, nr: int) -> dict:
     import torch
 
     import vireid_fast  # noqa: F401
-    from benchmarks.test_bench_pclhd import identity_features
     from vireid_fast.methods.hil import brst, pooled_means, sub_centres
 
     (fv, pv), (fr, pr) = identity_features(nv, nr, seed=0)
@@ -51,7 +44,7 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     labels = torch.cat([pv, pr])
     num = int(labels.max()) + 1
     info: dict = {"step": step, "nv": nv, "nr": nr, "dim": DIM, "clusters": num, "threads": torch.get_num_threads(),
-                  "rss_before_mb": _peak_rss_mb()}
+                  "rss_before_mb": peak_rss_mb()}
     start = time.perf_counter()
     if step == "brst":
         xr = torch.cat([fr, gr], 1)
@@ -94,30 +87,16 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     else:
         raise ValueError(step)
     info["step_seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = _peak_rss_mb()
+    info["peak_rss_mb"] = peak_rss_mb()
     return info
 
-
-def run_step(step: str, nv: int, nr: int) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), step, str(nv), str(nr)], capture_output=True,
-                          text=True, check=False, timeout=7200, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {step} ({nv} + {nr}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("step", ["brst", "memory", "subcentres", "subcentres_sklearn"])
 def test_hil_epoch_steps(benchmark, step):
     if step == "subcentres_sklearn":
         pytest.importorskip("sklearn")
-    scale = float(os.environ.get("VIREID_BENCH_HIL_SCALE", "1"))
-    nv, nr = max(int(NV * scale), 50), max(int(NR * scale), 50)
-    results: list[dict] = []
-    benchmark.pedantic(lambda: results.append(run_step(step, nv, nr)), rounds=1, iterations=1)
-    info = results[-1]
-    benchmark.extra_info.update(info)
+    info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_HIL_SCALE")
     dense_mb = (nv + nr) ** 2 * 4 / 2**20
     print(f"\n{step:18s} {nv}+{nr}  {info['step_seconds']:8.2f} s  peak RSS {info['peak_rss_mb']:8.1f} MB "
           f"(features alone {info['rss_before_mb']:.1f} MB; one dense (N_v+N_r)^2 float32 matrix: {dense_mb:.0f} MB)"
@@ -126,4 +105,4 @@ def test_hil_epoch_steps(benchmark, step):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    worker_main(_worker)

@@ -1,6 +1,6 @@
 """MULT per-epoch steps outside the network at SYSU-MM01 size, with peak memory.
 
-Identity-structured random features of :func:`benchmarks.test_bench_pclhd.identity_features` (395 identities,
+Identity-structured random features of :func:`benchmarks.epoch_steps.identity_features` (395 identities,
 N_v = 22,258 visible and N_r = 11,909 infrared unit vectors of d = 2,048). Steps, each in its own subprocess (this
 file run as a script) so its peak RSS is its own:
 
@@ -24,28 +24,18 @@ CPU. Run: ``.venv/bin/python -m pytest benchmarks/test_bench_mult.py --benchmark
 
 from __future__ import annotations
 
-import json
 import os
-import resource
-import subprocess
-import sys
 import time
 
 import pytest
 
-NV, NR, DIM = 22258, 11909, 2048
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_step, worker_main
 
 
 def _worker(step: str, nv: int, nr: int) -> dict:
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vireid_fast  # noqa: F401
-    from benchmarks.test_bench_pclhd import identity_features
     from vireid_fast.methods import cluster_means
     from vireid_fast.methods.mult_transfer import (
         HeteroAffinity,
@@ -59,7 +49,7 @@ def _worker(step: str, nv: int, nr: int) -> dict:
 
     (fv, pv), (fr, pr) = identity_features(nv, nr)
     info: dict = {"step": step, "nv": nv, "nr": nr, "dim": DIM, "threads": torch.get_num_threads(),
-                  "rss_before_mb": _peak_rss_mb()}
+                  "rss_before_mb": peak_rss_mb()}
     timings: dict[str, float] = {}
 
     def timed(name, fn):
@@ -128,26 +118,14 @@ def _worker(step: str, nv: int, nr: int) -> dict:
         raise ValueError(step)
     info["timings"] = timings
     info["step_seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = _peak_rss_mb()
+    info["peak_rss_mb"] = peak_rss_mb()
     return info
 
-
-def run_step(step: str, nv: int, nr: int) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), step, str(nv), str(nr)], capture_output=True,
-                          text=True, check=False, timeout=4 * 3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {step} ({nv} + {nr}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("step", ["cluster", "association", "memory", "sweep"])
 def test_mult_epoch_steps(benchmark, step):
-    scale = float(os.environ.get("VIREID_BENCH_MULT_SCALE", "1"))
-    nv, nr = max(int(NV * scale), 50), max(int(NR * scale), 50)
-    results: list[dict] = []
-    benchmark.pedantic(lambda: results.append(run_step(step, nv, nr)), rounds=1, iterations=1)
-    info = results[-1]
-    benchmark.extra_info.update(info)
+    info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_MULT_SCALE", timeout=4 * 3600)
     dense_vr_mb = nv * nr * 4 / 2**20
     print(f"\n{step:12s} {nv}+{nr}  {info['step_seconds']:8.2f} s  peak RSS {info['peak_rss_mb']:8.1f} MB "
           f"(features alone {info['rss_before_mb']:.1f} MB; one N_v x N_r float32 matrix: {dense_vr_mb:.0f} MB)"
@@ -158,4 +136,4 @@ def test_mult_epoch_steps(benchmark, step):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    worker_main(_worker)

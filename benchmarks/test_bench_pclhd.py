@@ -19,40 +19,11 @@ for a quick run. Run: ``.venv/bin/python -m pytest benchmarks/test_bench_pclhd.p
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import subprocess
-import sys
 import time
 
 import pytest
 
-NV, NR, DIM, IDS = 22258, 11909, 2048, 395
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def identity_features(nv: int, nr: int, dim: int = DIM, ids: int = IDS, sigma: float = 0.9, seed: int = 0):
-    """(visible (nv, dim), infrared (nr, dim)) float32 unit rows and their (nv,), (nr,) identity labels."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(ids, dim, generator=g) / dim ** 0.5
-    out = []
-    for count in (nv, nr):
-        offset = 0.3 * torch.randn(dim, generator=g) / dim ** 0.5
-        pid = torch.randint(0, ids, (count,), generator=g)
-        x = centres[pid] + offset + sigma * torch.randn(count, dim, generator=g) / dim ** 0.5
-        out.append((torch.nn.functional.normalize(x, dim=1), pid))
-    # identities present in both modalities, numbered 0..C-1 densely in each (as DBSCAN numbers clusters)
-    shared = torch.tensor(sorted(set(out[0][1].tolist()) & set(out[1][1].tolist())))
-    dense = torch.full((ids,), -1, dtype=torch.int64)
-    dense[shared] = torch.arange(shared.numel())
-    out = [(f, dense[p]) for f, p in out]
-    return out
+from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_step, worker_main
 
 
 def _worker(step: str, nv: int, nr: int) -> dict:
@@ -66,7 +37,7 @@ def _worker(step: str, nv: int, nr: int) -> dict:
 
     (fv, pv), (fr, pr) = identity_features(nv, nr)
     info: dict = {"step": step, "nv": nv, "nr": nr, "dim": DIM, "threads": torch.get_num_threads(),
-                  "rss_before_mb": _peak_rss_mb()}
+                  "rss_before_mb": peak_rss_mb()}
     start = time.perf_counter()
     if step == "cluster":
         labels = [jaccard_dbscan(f, k1=30, k2=6, eps=0.6, min_samples=4) for f in (fv, fr)]
@@ -97,26 +68,14 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     else:
         raise ValueError(step)
     info["step_seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = _peak_rss_mb()
+    info["peak_rss_mb"] = peak_rss_mb()
     return info
 
-
-def run_step(step: str, nv: int, nr: int) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), step, str(nv), str(nr)], capture_output=True,
-                          text=True, check=False, timeout=7200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {step} ({nv} + {nr}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("step", ["cluster", "cluster_all", "pgm", "memory"])
 def test_pclhd_epoch_steps(benchmark, step):
-    scale = float(os.environ.get("VIREID_BENCH_PCLHD_SCALE", "1"))
-    nv, nr = max(int(NV * scale), 50), max(int(NR * scale), 50)
-    results: list[dict] = []
-    benchmark.pedantic(lambda: results.append(run_step(step, nv, nr)), rounds=1, iterations=1)
-    info = results[-1]
-    benchmark.extra_info.update(info)
+    info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_PCLHD_SCALE")
     dense_mb = (nv + nr) ** 2 * 4 / 2**20
     print(f"\n{step:12s} {nv}+{nr}  {info['step_seconds']:8.2f} s  peak RSS {info['peak_rss_mb']:8.1f} MB "
           f"(features alone {info['rss_before_mb']:.1f} MB; one dense (N_v+N_r)^2 float32 matrix: {dense_mb:.0f} MB)"
@@ -127,4 +86,4 @@ def test_pclhd_epoch_steps(benchmark, step):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    worker_main(_worker)

@@ -1,7 +1,7 @@
 """SALCR per-epoch steps outside the network at SYSU-MM01 size, with peak memory (and one iteration's GPCR sets).
 
-Features: the identity-structured unit vectors of ``test_bench_pclhd`` (395 identities, N_v = 22,258 visible and
-N_r = 11,909 infrared, d = 2,048, a modality offset per modality). Steps, each in its own subprocess (this file run as
+Features: ``benchmarks.epoch_steps.identity_features`` (395 identities, N_v = 22,258 visible and N_r = 11,909
+infrared, d = 2,048, a modality offset per modality). Steps, each in its own subprocess (this file run as
 a script) so its peak RSS is its own:
 
 * ``cluster``: per-modality k-reciprocal Jaccard (k1 30, k2 6, sparse) + DBSCAN (eps 0.6, min_samples 4);
@@ -19,21 +19,14 @@ No step holds an N x N or N_v x N_r matrix. ``VIREID_BENCH_SALCR_SCALE`` (defaul
 
 from __future__ import annotations
 
-import json
-import os
-import resource
-import subprocess
-import sys
 import time
 
 import pytest
 
-NV, NR, DIM = 22258, 11909, 2048
+from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_step, worker_main
+
 NUM_PARTS = 3
 
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _method(num_parts: int):
@@ -54,8 +47,6 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks.test_bench_pclhd import identity_features
     from vireid_fast.methods import jaccard_dbscan
     from vireid_fast.methods.salcr import FAMILIES, dagl_associate, top_k_from_scores, top_k_mask
     from vireid_fast.modality import INFRARED, VISIBLE
@@ -67,7 +58,7 @@ def _worker(step: str, nv: int, nr: int) -> dict:
         g = torch.Generator().manual_seed(1)
         pg = {m: F.normalize(torch.randn(n, (NUM_PARTS + 1) * DIM, generator=g), dim=1) for m, n in
               ((VISIBLE, nv), (INFRARED, nr))}
-    info["rss_before_mb"] = _peak_rss_mb()
+    info["rss_before_mb"] = peak_rss_mb()
     start = time.perf_counter()
     if step == "cluster":
         labels = [jaccard_dbscan(f, k1=30, k2=6, eps=0.6, min_samples=4) for f in (fv, fr)]
@@ -91,7 +82,7 @@ def _worker(step: str, nv: int, nr: int) -> dict:
         banks = {VISIBLE: fv[keep_v].contiguous(), INFRARED: fr[keep_r].contiguous()}
         part_banks = {m: F.normalize(torch.randn(NUM_PARTS, b.shape[0], DIM, generator=g), dim=2)
                       for m, b in banks.items()}
-        info["rss_before_mb"] = _peak_rss_mb()
+        info["rss_before_mb"] = peak_rss_mb()
         start = time.perf_counter()
         glob = torch.randn(3 * s, DIM, generator=g)
         rows = torch.randn(9 * s, DIM, generator=g)
@@ -110,26 +101,14 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     else:
         raise ValueError(step)
     info["step_seconds"] = time.perf_counter() - start
-    info["peak_rss_mb"] = _peak_rss_mb()
+    info["peak_rss_mb"] = peak_rss_mb()
     return info
 
-
-def run_step(step: str, nv: int, nr: int) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), step, str(nv), str(nr)], capture_output=True,
-                          text=True, check=False, timeout=7200)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark step {step} ({nv} + {nr}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("step", ["cluster", "associate", "memory", "gpcr_sets"])
 def test_salcr_epoch_steps(benchmark, step):
-    scale = float(os.environ.get("VIREID_BENCH_SALCR_SCALE", "1"))
-    nv, nr = max(int(NV * scale), 50), max(int(NR * scale), 50)
-    results: list[dict] = []
-    benchmark.pedantic(lambda: results.append(run_step(step, nv, nr)), rounds=1, iterations=1)
-    info = results[-1]
-    benchmark.extra_info.update(info)
+    info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_SALCR_SCALE")
     dense_mb = nv * nr * 4 / 2**20
     print(f"\n{step:10s} {nv}+{nr}  {info['step_seconds']:8.2f} s  peak RSS {info['peak_rss_mb']:8.1f} MB "
           f"(inputs {info['rss_before_mb']:.1f} MB; one dense N_v x N_r float32 matrix: {dense_mb:.0f} MB)  {info}")
@@ -140,4 +119,4 @@ def test_salcr_epoch_steps(benchmark, step):
 
 
 if __name__ == "__main__":
-    print(json.dumps(_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))
+    worker_main(_worker)
