@@ -19,7 +19,7 @@ from vireid_fast.modality import INFRARED, MODALITIES, VISIBLE
 from vireid_fast.ops import memory_contrastive
 from vireid_fast.schema import spec
 
-from .tiny import kill_during_epoch, tiny_config, tiny_root
+from .tiny import assert_same_state, resume_after_kill, tiny_config, tiny_root
 
 
 class _PairedView:
@@ -184,21 +184,10 @@ def test_resume_is_bit_exact(root, tmp_path, monkeypatch):
                    progress=False)
     full.fit()
 
-    killed = Trainer(tiny_config(str(tmp_path / "killed"), "train.epochs=2", *OVERRIDES), data_root=root, log=quiet,
-                     progress=False)
-    kill_during_epoch(killed, 1, monkeypatch)
-    torch.manual_seed(999)
-    resumed = Trainer(tiny_config(str(tmp_path / "killed"), "train.epochs=2", *OVERRIDES), data_root=root,
-                      log=quiet, progress=False, resume=True)
+    resumed = resume_after_kill(root, str(tmp_path / "killed"), ("train.epochs=2", *OVERRIDES), 1, monkeypatch, quiet)
     assert resumed.method.memory is not None and resumed.method.steps_done == full.config.train.iters
     resumed.fit()
-    for a, b in ((full.encoder, resumed.encoder), (full.ema.module, resumed.ema.module), (full.method, resumed.method)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            if isinstance(sa[key], torch.Tensor):
-                assert torch.equal(sa[key], sb[key]), key
-            else:
-                assert sa[key] == sb[key], key
+    assert_same_state((full.encoder, resumed.encoder), (full.ema.module, resumed.ema.module),
+                      (full.method, resumed.method))
     for m in MODALITIES:
         assert torch.equal(full.labels[m], resumed.labels[m])

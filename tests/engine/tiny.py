@@ -49,3 +49,43 @@ def kill_during_epoch(trainer, epoch: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     monkeypatch.setattr(Trainer, "run_epoch", original)
+
+
+def resume_after_kill(root: str, output_dir: str, overrides, kill_epoch: int, monkeypatch, log):
+    """A Trainer of ``tiny_config(output_dir, *overrides)`` resumed from the checkpoint of a run killed at the start
+    of 0-based ``kill_epoch`` (not yet fitted). The global generator is reseeded first: the resumed run must owe
+    nothing to it."""
+    import torch
+
+    from vireid_fast.engine import Trainer
+
+    killed = Trainer(tiny_config(output_dir, *overrides), data_root=root, log=log, progress=False)
+    kill_during_epoch(killed, kill_epoch, monkeypatch)
+    torch.manual_seed(999)
+    return Trainer(tiny_config(output_dir, *overrides), data_root=root, log=log, progress=False, resume=True)
+
+
+def assert_same_state(*pairs) -> None:
+    """Each (a, b) pair of modules has the same state_dict keys and bit-identical entries (tensors, and the tensors
+    inside extra state: dicts, lists and tuples compared element by element)."""
+    import torch
+
+    def same(x, y, where):
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
+        elif isinstance(x, dict):
+            assert isinstance(y, dict) and x.keys() == y.keys(), where
+            for k in x:
+                same(x[k], y[k], f"{where}[{k!r}]")
+        elif isinstance(x, (list, tuple)):
+            assert type(x) is type(y) and len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                same(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    for a, b in pairs:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            same(sa[key], sb[key], key)

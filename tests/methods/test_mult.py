@@ -526,7 +526,7 @@ def test_paper_preset_keys():
 
 
 # ------------------------------------------------------------------------------------------ in the engine
-from tests.engine.tiny import kill_during_epoch, tiny_config, tiny_root  # noqa: E402
+from tests.engine.tiny import assert_same_state, resume_after_kill, tiny_config, tiny_root  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -566,18 +566,9 @@ def test_resumes_bit_exact_after_a_kill_in_stage_two(tiny, tmp_path, monkeypatch
                  "train.epochs=3")
     full = Trainer(tiny_config(str(tmp_path / "full"), *overrides), data_root=tiny, log=quiet, progress=False)
     full.fit()
-    killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
-    kill_during_epoch(killed, 2, monkeypatch)
-    torch.manual_seed(999)
-    resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
-                      resume=True)
+    resumed = resume_after_kill(tiny, str(tmp_path / "killed"), overrides, 2, monkeypatch, quiet)
     resumed.fit()
-    for a, b in ((full.encoder, resumed.encoder), (full.method, resumed.method)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            if isinstance(sa[key], torch.Tensor):
-                assert torch.equal(sa[key], sb[key]), key
+    assert_same_state((full.encoder, resumed.encoder), (full.method, resumed.method))
 
 
 def test_two_bn_groups_follow_the_dataparallel_split():

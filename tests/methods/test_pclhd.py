@@ -468,7 +468,7 @@ def test_paper_preset_stage_totals():
 
 
 # ---------------------------------------------------------------------------------------------------- in the engine
-from tests.engine.tiny import kill_during_epoch, tiny_config, tiny_root  # noqa: E402
+from tests.engine.tiny import assert_same_state, resume_after_kill, tiny_config, tiny_root  # noqa: E402
 
 ENGINE = ("method.stage1_epochs=1", "method.dpcl_instances=2", "method.all_k1=6", "method.all_k2=2",
           "eval.eval_untrained=false", "cluster.eps=0.8")
@@ -499,21 +499,11 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     assert all(math.isfinite(r["loss/total"]) for r in rows if "loss/total" in r)
     if name == "pclhd":  # stage 2 ran its second optimiser step on the all-modality clusters
         assert "loss/all_visible" in rows[-1] and "value/step_a/cross" in rows[-1] and "value/dpcl" in rows[-1]
-    killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
-    kill_during_epoch(killed, 2, monkeypatch)
-    torch.manual_seed(999)
-    resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
-                      resume=True)
+    resumed = resume_after_kill(tiny, str(tmp_path / "killed"), overrides, 2, monkeypatch, quiet)
     resumed.fit()
-    for a, b in ((full.encoder, resumed.encoder), (full.method, resumed.method)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            if isinstance(sa[key], torch.Tensor):
-                assert torch.equal(sa[key], sb[key]), key
+    assert_same_state((full.encoder, resumed.encoder), (full.method, resumed.method))
     if full.ema is not None:
-        for key, value in full.ema.module.state_dict().items():
-            assert torch.equal(value, resumed.ema.module.state_dict()[key]), key
+        assert_same_state((full.ema.module, resumed.ema.module))
 
 
 def test_linked_labels_map_infrared_clusters_through_the_pgm_match():

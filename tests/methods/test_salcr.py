@@ -679,7 +679,7 @@ def test_paper_preset_keys():
 
 
 # ------------------------------------------------------------------------------------------------- engine
-from tests.engine.tiny import kill_during_epoch, tiny_config, tiny_root  # noqa: E402
+from tests.engine.tiny import assert_same_state, resume_after_kill, tiny_config, tiny_root  # noqa: E402
 
 ENGINE = ("method.stage1_epochs=1", "method.pair_identities=2", "method.pair_instances=2", "method.k_train=4",
           "method.k_instance=3", "method.num_parts=2", "eval.eval_untrained=false")
@@ -715,15 +715,6 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
     expect = cross_modality_pair_precision_recall(truth["visible"], full.method.intra_visible.numpy(),
                                                   truth["infrared"], full.method.cross_infrared.numpy())
     assert rows[-1]["xmod/visible_space/precision"] == pytest.approx(expect[0], nan_ok=True)
-    killed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False)
-    kill_during_epoch(killed, 2, monkeypatch)
-    torch.manual_seed(999)
-    resumed = Trainer(tiny_config(str(tmp_path / "killed"), *overrides), data_root=tiny, log=quiet, progress=False,
-                      resume=True)
+    resumed = resume_after_kill(tiny, str(tmp_path / "killed"), overrides, 2, monkeypatch, quiet)
     resumed.fit()
-    for a, b in ((full.encoder, resumed.encoder), (full.method, resumed.method)):
-        sa, sb = a.state_dict(), b.state_dict()
-        assert sa.keys() == sb.keys()
-        for key in sa:
-            if isinstance(sa[key], torch.Tensor):
-                assert torch.equal(sa[key], sb[key]), key
+    assert_same_state((full.encoder, resumed.encoder), (full.method, resumed.method))
