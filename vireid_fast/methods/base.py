@@ -137,6 +137,19 @@ class MethodContext:
     cameras: Callable[[Modality], np.ndarray] | None = None
 
 
+class CheckpointedGenerator:
+    """Mixin for a method that draws its own random numbers from ``self.generator`` (a ``torch.Generator`` created in
+    ``__init__``): the generator's state goes into the checkpoint, so a resumed run continues the same stream. List it
+    before :class:`Method` in the bases."""
+
+    def get_extra_state(self):
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state):
+        if state and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
 class Method(nn.Module):
     """Base class; see the module docstring for the hooks and their order."""
 

@@ -31,7 +31,7 @@ from ..memory._function import MemoryLogits
 from ..modality import INFRARED, MODALITIES, VISIBLE
 from ..ops import dbscan, kreciprocal_jaccard, memory_contrastive, memory_update
 from ..schema import spec
-from .base import Method, cluster_means, register_method
+from .base import CheckpointedGenerator, Method, cluster_means, register_method
 from .mult_transfer import homogeneous_affinity, kreciprocal_set_affinity, mult_association, soft_labels
 
 __all__ = ["MULT", "MULTPaper", "mode_plan", "mult_batches", "oclr_term", "soft_cross_entropy"]
@@ -160,7 +160,7 @@ def mult_batches(vis_labels: dict, ir_labels: dict, num_labels: int, num_pos: in
 
 
 @register_method("mult")
-class MULT(Method):
+class MULT(CheckpointedGenerator, Method):
     """Config keys: see ``Params`` (help strings) and docs/methods.md."""
 
     @dataclass
@@ -222,13 +222,6 @@ class MULT(Method):
         # stage-2 batches; each process draws its own (the engine gathers the global batch)
         self.generator = torch.Generator().manual_seed(int(context.seed) * 1_000_003 + 29 + 7919 * int(context.rank))
         self._info: dict[str, float] = {}
-
-    def get_extra_state(self):
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state):
-        if state and "generator" in state:
-            self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------------------------------------- per epoch
     def start_epoch(self, epoch):

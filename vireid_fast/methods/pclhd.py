@@ -32,7 +32,7 @@ from ..memory._function import lowest_k_mean_per_group
 from ..modality import INFRARED, MODALITIES, VISIBLE
 from ..ops import memory_contrastive
 from ..schema import spec
-from .base import Method, cluster_means, register_method
+from .base import CheckpointedGenerator, Method, cluster_means, register_method
 from .clustering import count_clusters, jaccard_dbscan
 from .pgm import PGMMatch, cluster_centres, pgm_match
 
@@ -78,7 +78,7 @@ def all_modality_bank(visible: torch.Tensor, infrared: torch.Tensor, labels: tor
 
 
 @register_method("pclhd")
-class PCLHD(Method):
+class PCLHD(CheckpointedGenerator, Method):
     """Config keys: see ``Params`` (help strings) and docs/methods.md."""
 
     ema_copies_buffers = False
@@ -154,14 +154,6 @@ class PCLHD(Method):
         self._all_iters = None
         self._all_lists = None
         self._epoch_info: dict[str, float] = {}
-
-    def get_extra_state(self):
-        # the dynamic-bank draws continue the same random stream after a resume
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state):
-        if state and "generator" in state:
-            self.generator.set_state(state["generator"])
 
     # ----------------------------------------------------------------------------------------------- schedule
     @property
