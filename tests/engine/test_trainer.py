@@ -169,10 +169,10 @@ def test_skip_bad_images_drops_and_counts_them(root, tmp_path, capsys):
     assert math.isfinite(summary["trained"]["mAP"])
 
 
-def test_linked_labels_decide_the_cross_modality_pair_report(root, tmp_path, monkeypatch):
-    # DCL links nothing (two label spaces): no xmod entries. A method whose linked_labels put every image of both
-    # modalities in one cluster gets precision = share of same-identity pairs and recall 1 — computed on the linked
-    # labels, not on the training labels.
+def test_reported_label_spaces_decide_the_cross_modality_pair_report(root, tmp_path, monkeypatch):
+    # DCL links nothing (two label spaces): no xmod entries. A method whose main reported space ("") puts every image
+    # of both modalities in one cluster gets precision = share of same-identity pairs and recall 1 — computed on that
+    # space, not on the training labels; a named space is reported under its name.
     import numpy as np
 
     from vireid_fast.methods import DCL
@@ -181,13 +181,16 @@ def test_linked_labels_decide_the_cross_modality_pair_report(root, tmp_path, mon
     row = {}
     trainer.prepare_epoch(0, row)
     assert "xmod/precision" not in row
-    monkeypatch.setattr(DCL, "linked_labels", lambda self, labels: {m: torch.zeros_like(v) for m, v in labels.items()})
+    monkeypatch.setattr(DCL, "shared_label_spaces", lambda self, labels: {
+        "": tuple(torch.zeros_like(labels[m]) for m in ("visible", "infrared")),
+        "apart": (torch.zeros_like(labels["visible"]), torch.ones_like(labels["infrared"]))})
     trainer = Trainer(tiny_config(str(tmp_path / "b")), data_root=root, log=quiet, progress=False)
     row = {}
     trainer.prepare_epoch(0, row)
     truth = trainer.ground_truth()
     same = (truth["visible"][:, None] == truth["infrared"][None]).mean()
     assert row["xmod/precision"] == pytest.approx(float(same)) and row["xmod/recall"] == 1.0
+    assert row["xmod/apart/recall"] == 0.0
     assert len(np.unique(trainer.labels["visible"].numpy())) > 1  # training labels untouched
 
 

@@ -387,8 +387,8 @@ def test_memories_are_the_dbscan_centroids_and_every_instance_is_labelled():
                     ("memory_r", "infrared"), ("memory_ra", "infrared"), ("memory_vcm", "infrared")):
         want = F.normalize(raw_centroids(feats[m]["feature"], db[m]), dim=1)
         torch.testing.assert_close(getattr(method, name), want)
-    linked = method.linked_labels(labels)
-    assert torch.equal(linked["visible"], method.hard_v) and torch.equal(linked["infrared"], method.hardx_r)
+    linked_v, linked_r = method.shared_label_spaces(labels)[""]
+    assert torch.equal(linked_v, method.hard_v) and torch.equal(linked_r, method.hardx_r)
     assert method.soft_v.shape == (36, int(db["visible"].max()) + 1)
     assert method.softx_r.shape == (30, int(db["visible"].max()) + 1)
     torch.testing.assert_close(method.soft_v.sum(1), torch.ones(36))
@@ -494,7 +494,7 @@ def test_stage_one_is_dcl_on_dbscan_labels():
     method = make_method("method.stage_one_epochs=5")
     feats, labels = prepared(method, 0)
     assert method.stage == 1 and torch.equal(labels["visible"], method.db_labels["visible"])
-    assert method.linked_labels(labels) is None
+    assert method.shared_label_spaces(labels) == {}
     assert method.memory_va is None
     images = torch.randint(0, 255, (4, 3, 32, 16), dtype=torch.uint8)
     yv = torch.tensor([0, 0, 1, -1])

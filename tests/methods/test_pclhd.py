@@ -506,19 +506,19 @@ def test_trains_in_the_engine_and_resumes_bit_exact(tiny, tmp_path, monkeypatch,
         assert_same_state((full.ema.module, resumed.ema.module))
 
 
-def test_linked_labels_map_infrared_clusters_through_the_pgm_match():
+def test_reported_space_maps_infrared_clusters_through_the_pgm_match():
     # Reporting only: stage 1 links nothing; in stage 2 every infrared cluster takes the visible cluster PGM matched
     # it to, so the engine's cross-modality pair precision/recall scores the association.
     method, feats, _ = make_method("method.all_modality_branch=false")
     labels = prepare(method, feats, 0)
-    assert method.linked_labels(labels) is None
+    assert method.shared_label_spaces(labels) == {}
     labels = prepare(method, feats, 2)
-    linked = method.linked_labels(labels)
-    assert torch.equal(linked["visible"], labels["visible"])
+    linked_v, linked_r = method.shared_label_spaces(labels)[""]
+    assert torch.equal(linked_v, labels["visible"])
     table = method.match.infrared_to_visible
     expect = torch.tensor([int(table[y]) if y >= 0 else -1 for y in labels["infrared"].tolist()])
-    assert torch.equal(linked["infrared"], expect)
-    assert (linked["infrared"] >= 0).any() and not torch.equal(linked["infrared"], labels["infrared"])
+    assert torch.equal(linked_r, expect)
+    assert (linked_r >= 0).any() and not torch.equal(linked_r, labels["infrared"])
 
 
 def test_camera_aware_sampler_by_default_identity_on_request():

@@ -443,17 +443,12 @@ class Trainer:
             row[f"outliers/{m}"] = int((lab < 0).sum())
             row[f"ari/{m}"] = adjusted_rand_index(truth[m], lab)
             row[f"nmi/{m}"] = normalized_mutual_info(truth[m], lab)
-        linked = method.linked_labels(labels)
-        if linked is not None:
-            precision, recall = cross_modality_pair_precision_recall(
-                truth[VISIBLE], linked[VISIBLE].cpu().numpy(), truth[INFRARED], linked[INFRARED].cpu().numpy())
-            row["xmod/precision"], row["xmod/recall"] = precision, recall
         with self.timer("memory"):
             method.build_memories(features, labels)
-        for name, (space_v, space_r) in method.shared_label_spaces().items():
-            precision, recall = cross_modality_pair_precision_recall(truth[VISIBLE], space_v.numpy(),
-                                                                     truth[INFRARED], space_r.numpy())
-            row[f"xmod/{name}/precision"], row[f"xmod/{name}/recall"] = precision, recall
+        for name, (space_v, space_r) in method.shared_label_spaces(labels).items():
+            key = f"xmod/{name}/" if name else "xmod/"
+            row[f"{key}precision"], row[f"{key}recall"] = cross_modality_pair_precision_recall(
+                truth[VISIBLE], space_v.cpu().numpy(), truth[INFRARED], space_r.cpu().numpy())
         del features
         for m in MODALITIES:
             self.train_sets[m].set_labels(labels[m].numpy())

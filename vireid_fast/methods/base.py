@@ -215,21 +215,17 @@ class Method(nn.Module):
         del features
         return labels
 
-    def linked_labels(self, labels: Labels) -> Labels | None:
-        """The epoch's labels with the two modalities in one label space, for reporting only: the engine scores the
-        cross-modality pseudo-label precision/recall of the association on them. Default: ``labels`` when
-        ``shared_label_space``, else None (nothing links the modalities); a method that matches clusters across
-        modalities without relabelling (PCLHD's PGM) maps one modality's labels onto the other's here."""
-        return labels if self.shared_label_space else None
-
     def build_memories(self, features: Features, labels: Labels) -> None:
         """Initialise the epoch's memories from the features and labels (default: none)."""
 
-    def shared_label_spaces(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Extra cross-modality label spaces to report, by name: (visible (N_v,), infrared (N_r,)) int64 labels that
-        index one space (-1 = none), e.g. SALCR's visible space (intra visible, cross infrared). The engine reports
-        ``xmod/<name>/precision`` and ``/recall`` per epoch (reported only). Called after :meth:`build_memories`."""
-        return {}
+    def shared_label_spaces(self, labels: Labels) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's cross-modality label spaces, for reporting only: by name, (visible (N_v,), infrared (N_r,))
+        int64 labels that index one space (-1 = none). The engine scores the association on each as
+        ``xmod/<name>/precision`` and ``/recall`` — ``xmod/precision`` / ``xmod/recall`` for the name ``""``, the
+        method's main space. Called after :meth:`build_memories` with the epoch's labels. Default: ``{"": labels}``
+        when ``shared_label_space``, else nothing. A method that matches clusters without relabelling maps one
+        modality's labels onto the other's (PCLHD's PGM); one with several spaces names them (SALCR)."""
+        return {"": (labels[VISIBLE], labels[INFRARED])} if self.shared_label_space else {}
 
     def batch_sampler(self, labels: Labels, epoch: int) -> dict[Modality, Iterable[list[int]]] | None:
         """Per modality a batch sampler (lists of dataset indices, ``train.iters`` batches; the engine zips the two);

@@ -271,13 +271,13 @@ class MULT(CheckpointedGenerator, Method):
                 self._info[f"moved/{m}"] = float(moved.sum())
         return {VISIBLE: self.hard_v.cpu(), INFRARED: self.hard_r.cpu()}
 
-    def linked_labels(self, labels):
+    def shared_label_spaces(self, labels):
         # Reporting only: the V-space labels of both modalities (visible ℓ_v, infrared ℓ̂_r), so the engine scores the
         # transfer's cross-modality pairs; stage 1 (and a skipped epoch) has no cross-modality link.
         del labels
         if self.stage == 1 or self._no_clusters:
-            return None
-        return {VISIBLE: self.hard_v.cpu(), INFRARED: self.hardx_r.cpu()}
+            return {}
+        return {"": (self.hard_v.cpu(), self.hardx_r.cpu())}
 
     def build_memories(self, features, labels):
         """Memories from the normalised DBSCAN centroids (``labels`` — MULT's — are not used for them)."""

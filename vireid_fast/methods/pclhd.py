@@ -228,12 +228,12 @@ class PCLHD(CheckpointedGenerator, Method):
                                      "pgm/fallback": float(self.match.fallback)})
         return labels
 
-    def linked_labels(self, labels):
+    def shared_label_spaces(self, labels):
         # Each infrared cluster takes the visible cluster PGM matched it to (-1 when unmatched): the engine then
         # reports how many same-identity visible-infrared pairs the matching links (stage 2 with the cross term).
         if self.match is None:
-            return None
-        return {VISIBLE: labels[VISIBLE], INFRARED: self.match.map_labels(labels[INFRARED], "infrared")}
+            return {}
+        return {"": (labels[VISIBLE], self.match.map_labels(labels[INFRARED], "infrared"))}
 
     def build_memories(self, features, labels):
         self.build_intra_memories(features, labels)

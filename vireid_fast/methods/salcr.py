@@ -367,9 +367,10 @@ class SALCR(DCL):
             bank[part] = F.normalize(pg[:, part * dim:(part + 1) * dim].index_select(0, rows).float(), dim=1)
         return bank
 
-    def shared_label_spaces(self):
+    def shared_label_spaces(self, labels):
         """Stage 2: the visible space (intra visible, cross infrared) and the infrared space (cross visible, intra
         infrared) the pairs are drawn from."""
+        del labels
         if self.stage == 1 or self.cross_visible is None or self.intra_visible is None:
             return {}
         return {"visible_space": (self.intra_visible.cpu(), self.cross_infrared.cpu()),
