@@ -231,19 +231,27 @@ class Method(nn.Module):
         """Per modality a batch sampler (lists of dataset indices, ``train.iters`` batches; the engine zips the two);
         None skips training this epoch. Default: identity-balanced P x K batches per modality, P = min(P, clusters).
         """
-        t, ctx = self.ctx.config.train, self.ctx
-        samplers = {}
         for m in MODALITIES:
-            clusters = count_clusters(labels[m])
-            if clusters == 0:
-                ctx.log(f"epoch {epoch + 1}: no {m} clusters (all outliers); skipping training this epoch — raise "
-                        "cluster.eps or lower cluster.min_samples")
+            if count_clusters(labels[m]) == 0:
+                self.ctx.log(f"epoch {epoch + 1}: no {m} clusters (all outliers); skipping training this epoch — "
+                             "raise cluster.eps or lower cluster.min_samples")
                 return None
-            sampler = IdentityBalancedSampler(labels[m].numpy(), min(t.num_identities, clusters), t.num_instances,
-                                              seed=ctx.seed * 7919 + m.code + 2 * ctx.rank, num_batches=t.iters)
-            sampler.set_epoch(epoch)
-            samplers[m] = sampler
-        return samplers
+        return {m: self.modality_sampler(labels[m], m, epoch) for m in MODALITIES}
+
+    def modality_sampler(self, labels: torch.Tensor, modality: Modality, epoch: int, salt: int = 0):
+        """One modality's batch sampler over (N,) int64 ``labels`` (-1 never sampled; at least one cluster),
+        ``train.iters`` batches, seeded by (seed, modality, rank, ``salt``) and ``epoch``. Default: identity-balanced
+        P x K, P = min(P, clusters)."""
+        t = self.ctx.config.train
+        sampler = IdentityBalancedSampler(labels.numpy(), min(t.num_identities, count_clusters(labels)),
+                                          t.num_instances, seed=self.sampler_seed(modality, salt), num_batches=t.iters)
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def sampler_seed(self, modality: Modality, salt: int = 0) -> int:
+        """The seed of a batch sampler of ``modality``: distinct per run seed, modality, process and ``salt``."""
+        ctx = self.ctx
+        return ctx.seed * 7919 + modality.code + 2 * ctx.rank + salt
 
     # ------------------------------------------------------------------------------------------- per iteration
     def training_step(self, batch: TrainBatch) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.samplers import CameraAwareSampler, IdentityBalancedSampler
+from ..data.samplers import CameraAwareSampler
 from ..memory import DynamicMemory, HybridMemory
 from ..memory._function import lowest_k_mean_per_group
 from ..modality import INFRARED, MODALITIES, VISIBLE
@@ -281,38 +281,25 @@ class PCLHD(CheckpointedGenerator, Method):
                                      "all/both_modality_clusters": float(both.sum()),
                                      "all/images": float(usable.sum())})
 
-    def _sampler(self, labels: torch.Tensor, modality, epoch: int, salt: int):
-        """One modality's batch sampler over ``labels`` (-1 never sampled), of the configured kind."""
-        t, ctx = self.ctx.config.train, self.ctx
-        seed = ctx.seed * 7919 + modality.code + 2 * ctx.rank + salt
-        if self.params.sampler == "camera":
-            sampler = CameraAwareSampler(labels.numpy(), ctx.cameras(modality), t.num_identities * t.num_instances,
-                                         t.num_instances, seed=seed, num_batches=t.iters)
-        else:
-            sampler = IdentityBalancedSampler(labels.numpy(), min(t.num_identities, count_clusters(labels)),
-                                              t.num_instances, seed=seed, num_batches=t.iters)
+    def modality_sampler(self, labels, modality, epoch, salt=0):
+        if self.params.sampler == "identity":
+            return super().modality_sampler(labels, modality, epoch, salt)
+        t = self.ctx.config.train
+        sampler = CameraAwareSampler(labels.numpy(), self.ctx.cameras(modality), t.num_identities * t.num_instances,
+                                     t.num_instances, seed=self.sampler_seed(modality, salt), num_batches=t.iters)
         sampler.set_epoch(epoch)
         return sampler
 
     def batch_sampler(self, labels, epoch):
-        if self.params.sampler == "identity":
-            samplers = super().batch_sampler(labels, epoch)
-        elif any(count_clusters(labels[m]) == 0 for m in MODALITIES):
-            self.ctx.log(f"epoch {epoch + 1}: a modality has no cluster (all outliers); skipping training this epoch "
-                         "— raise cluster.eps or lower cluster.min_samples")
-            samplers = None
-        else:
-            samplers = {m: self._sampler(labels[m], m, epoch, 0) for m in MODALITIES}
+        samplers = super().batch_sampler(labels, epoch)
         self._all_iters = None
         if samplers is None or self._all_lists is None:
             return samplers
-        ctx = self.ctx
-        clusters = count_clusters(self._all_lists[VISIBLE])
-        if clusters == 0:
-            ctx.log(f"epoch {epoch + 1}: no all-modality cluster holds both modalities; the all-modality step is "
-                    "skipped this epoch")
+        if count_clusters(self._all_lists[VISIBLE]) == 0:
+            self.ctx.log(f"epoch {epoch + 1}: no all-modality cluster holds both modalities; the all-modality step "
+                         "is skipped this epoch")
             return samplers
-        self._all_iters = {m: iter(self._sampler(self._all_lists[m], m, epoch, 104_729)) for m in MODALITIES}
+        self._all_iters = {m: iter(self.modality_sampler(self._all_lists[m], m, epoch, 104_729)) for m in MODALITIES}
         return samplers
 
     def end_epoch(self, epoch):
