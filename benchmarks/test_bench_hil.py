@@ -29,7 +29,6 @@ from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_ste
 SCALE_RAW = 45.0
 
 
-
 def _worker(step: str, nv: int, nr: int) -> dict:
     import torch
 
@@ -89,7 +88,6 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     info["step_seconds"] = time.perf_counter() - start
     info["peak_rss_mb"] = peak_rss_mb()
     return info
-
 
 
 @pytest.mark.parametrize("step", ["brst", "memory", "subcentres", "subcentres_sklearn"])

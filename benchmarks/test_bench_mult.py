@@ -122,7 +122,6 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     return info
 
 
-
 @pytest.mark.parametrize("step", ["cluster", "association", "memory", "sweep"])
 def test_mult_epoch_steps(benchmark, step):
     info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_MULT_SCALE", timeout=4 * 3600)

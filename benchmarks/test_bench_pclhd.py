@@ -72,7 +72,6 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     return info
 
 
-
 @pytest.mark.parametrize("step", ["cluster", "cluster_all", "pgm", "memory"])
 def test_pclhd_epoch_steps(benchmark, step):
     info, nv, nr = time_step(benchmark, __file__, step, "VIREID_BENCH_PCLHD_SCALE")

@@ -28,7 +28,6 @@ from benchmarks.epoch_steps import DIM, identity_features, peak_rss_mb, time_ste
 NUM_PARTS = 3
 
 
-
 def _method(num_parts: int):
     from types import SimpleNamespace
 
@@ -103,7 +102,6 @@ def _worker(step: str, nv: int, nr: int) -> dict:
     info["step_seconds"] = time.perf_counter() - start
     info["peak_rss_mb"] = peak_rss_mb()
     return info
-
 
 
 @pytest.mark.parametrize("step", ["cluster", "associate", "memory", "gpcr_sets"])
